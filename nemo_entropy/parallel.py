@@ -1,0 +1,209 @@
+"""Process groups by rank role, and the only place the package issues collectives.
+
+Three roles matter to the entropy controls (DESIGN.md section 3):
+
+* the **token group** (DP, or DP x CP when context-parallel ranks hold different chunks of the same
+  sequences): ranks that hold *different tokens*. Covariance statistics, global token counts and the
+  exact top-k are reduced over it.
+* the **TP group** (vocab-parallel): ranks that hold *the same tokens* and different vocabulary shards.
+  Softmax statistics (max, sum of exp, sum of p*z, target logit) are reduced over it. Covariance
+  statistics never are: that would count every token TP times.
+* the **pipeline role**: the loss exists only on the last PP stage, so collectives run over that stage's
+  token group; other stages never enter them (a collective over WORLD inside the loss hangs with PP > 1).
+
+Every collective is issued unconditionally by every member of the group, whatever its data (a rank with
+zero valid tokens still takes part with zero-sized contributions padded to the agreed size), so no
+data-dependent hang is possible. ``None`` for a group means "this process alone".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+ProcessGroup = dist.ProcessGroup
+
+__all__ = ["ParallelGroups", "as_groups", "as_tp_group"]
+
+
+def _world(group: Optional[ProcessGroup]) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _rank(group: Optional[ProcessGroup]) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """The groups of one rank, by role.
+
+    Attributes:
+        token_group: ranks holding different tokens (DP, or DP x CP). ``None``: this process alone.
+        tp_group: ranks holding the same tokens, different vocabulary shards. ``None``: unsharded.
+        is_last_pp_stage: whether this rank computes the loss (the last pipeline stage).
+        pp_group: the pipeline group, used only to broadcast metrics from the last stage.
+    """
+
+    token_group: Optional[ProcessGroup] = None
+    tp_group: Optional[ProcessGroup] = None
+    is_last_pp_stage: bool = True
+    pp_group: Optional[ProcessGroup] = None
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def single(cls) -> "ParallelGroups":
+        """One process: every collective is the identity."""
+        return cls()
+
+    @classmethod
+    def from_groups(
+        cls,
+        token_group: Optional[ProcessGroup] = None,
+        tp_group: Optional[ProcessGroup] = None,
+        *,
+        is_last_pp_stage: bool = True,
+        pp_group: Optional[ProcessGroup] = None,
+    ) -> "ParallelGroups":
+        """Explicit groups (tests, custom launchers, the local engine)."""
+        return cls(token_group, tp_group, is_last_pp_stage, pp_group)
+
+    @classmethod
+    def from_megatron(cls, *, cp_holds_full_sequences: bool = False) -> "ParallelGroups":
+        """Groups of this rank from megatron-core's ``parallel_state`` (must be initialised).
+
+        Args:
+            cp_holds_full_sequences: set when the framework already gathered full sequences on every CP
+                rank before the loss (NeMo-RL's LOGPROB input does this). CP ranks then hold the *same*
+                tokens and the token group is DP alone; otherwise it is DP x CP.
+        """
+        try:
+            from megatron.core import parallel_state as ps
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                "ParallelGroups.from_megatron needs megatron-core: pip install 'nemo-entropy[megatron]'"
+            ) from err
+        if not ps.model_parallel_is_initialized():
+            raise RuntimeError(
+                "megatron-core parallel_state is not initialised: call "
+                "parallel_state.initialize_model_parallel(...) before ParallelGroups.from_megatron()"
+            )
+        cp_size = ps.get_context_parallel_world_size()
+        if cp_size > 1 and not cp_holds_full_sequences:
+            token_group = ps.get_data_parallel_group(with_context_parallel=True)
+        else:
+            token_group = ps.get_data_parallel_group()
+        tp_group = ps.get_tensor_model_parallel_group()
+        return cls(
+            token_group=token_group if dist.get_world_size(token_group) > 1 else None,
+            tp_group=tp_group if dist.get_world_size(tp_group) > 1 else None,
+            is_last_pp_stage=ps.is_pipeline_last_stage(ignore_virtual=True),
+            pp_group=ps.get_pipeline_model_parallel_group()
+            if ps.get_pipeline_model_parallel_world_size() > 1
+            else None,
+        )
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def token_world_size(self) -> int:
+        return _world(self.token_group)
+
+    @property
+    def token_rank(self) -> int:
+        return _rank(self.token_group)
+
+    @property
+    def tp_world_size(self) -> int:
+        return _world(self.tp_group)
+
+    @property
+    def tp_rank(self) -> int:
+        return _rank(self.tp_group)
+
+    # ------------------------------------------------------------------ token-group collectives
+    def token_all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks holding different tokens (in place on a copy; returns the result)."""
+        out = tensor.clone()
+        if self.token_group is not None:
+            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.token_group)
+        return out
+
+    def token_all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate equally-shaped tensors of every token-group rank along dim 0, in rank order.
+
+        Callers pad to an agreed size first: all ranks must pass the same shape.
+        """
+        if self.token_group is None:
+            return tensor.clone()
+        parts = [torch.empty_like(tensor) for _ in range(self.token_world_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.token_group)
+        return torch.cat(parts, dim=0)
+
+    # ------------------------------------------------------------------ TP collectives
+    def tp_all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place all-reduce over the vocab-parallel group; ``op`` is ``"sum"`` or ``"max"``."""
+        return tp_all_reduce(self.tp_group, tensor, op)
+
+    # ------------------------------------------------------------------ pipeline
+    def broadcast_from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Broadcast a tensor (e.g. packed metrics) from the last pipeline stage to every stage."""
+        if self.pp_group is None:
+            return tensor
+        ranks = dist.get_process_group_ranks(self.pp_group)
+        dist.broadcast(tensor, src=ranks[-1], group=self.pp_group)
+        return tensor
+
+
+def tp_all_reduce(group: Optional[ProcessGroup], tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce over a vocab-parallel group (identity for ``None``)."""
+    if op not in ("sum", "max"):
+        raise ValueError(f"tp_all_reduce: op must be 'sum' or 'max', got {op!r}")
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+    return tensor
+
+
+GroupsLike = Union[None, ProcessGroup, ParallelGroups]
+
+
+def as_groups(groups: GroupsLike) -> ParallelGroups:
+    """Normalise the ``groups`` argument of the public API.
+
+    ``None`` is one process; a ``ProcessGroup`` is shorthand for the token-holding group; a
+    ``ParallelGroups`` is taken as is.
+    """
+    if groups is None:
+        return ParallelGroups.single()
+    if isinstance(groups, ParallelGroups):
+        return groups
+    if isinstance(groups, ProcessGroup):
+        return ParallelGroups(token_group=groups)
+    raise TypeError(
+        f"groups must be None, a torch.distributed.ProcessGroup or nemo_entropy.parallel.ParallelGroups, "
+        f"got {type(groups).__name__}"
+    )
+
+
+def as_tp_group(groups: GroupsLike) -> Optional[ProcessGroup]:
+    """The vocab-parallel group from the ``groups`` argument of the entropy API.
+
+    There a bare ``ProcessGroup`` means the TP group (the entropy functions reduce only over TP).
+    """
+    if groups is None:
+        return None
+    if isinstance(groups, ParallelGroups):
+        return groups.tp_group
+    if isinstance(groups, ProcessGroup):
+        return groups
+    raise TypeError(
+        f"groups must be None, a torch.distributed.ProcessGroup (the TP group) or "
+        f"nemo_entropy.parallel.ParallelGroups, got {type(groups).__name__}"
+    )
+
+
+def new_subgroups(rank_lists: Sequence[Sequence[int]]) -> list[ProcessGroup]:
+    """Create one group per rank list (every rank must call this with the same lists, in order)."""
+    return [dist.new_group(list(ranks)) for ranks in rank_lists]
