@@ -207,3 +207,134 @@ def as_tp_group(groups: GroupsLike) -> Optional[ProcessGroup]:
 def new_subgroups(rank_lists: Sequence[Sequence[int]]) -> list[ProcessGroup]:
     """Create one group per rank list (every rank must call this with the same lists, in order)."""
     return [dist.new_group(list(ranks)) for ranks in rank_lists]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Process-level helpers and model-parallel autograd functions used by the embedded local engine
+# (nemo_entropy.engine). They live here because every collective of the package goes through this module.
+
+
+def distributed_env_present() -> bool:
+    """Whether this process was started by a distributed launcher (torchrun/srun set RANK and WORLD_SIZE)."""
+    import os
+
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_process_group_from_env(backend: str = "gloo", timeout_seconds: float = 1800.0) -> tuple[int, int]:
+    """Initialise the default group from the launcher's environment (idempotent); returns (rank, world)."""
+    from datetime import timedelta
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def world_rank_and_size() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) without an initialised default group."""
+    if not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def world_group() -> Optional[ProcessGroup]:
+    """The default group, or ``None`` (this process alone) when not distributed or of size 1."""
+    rank, world = world_rank_and_size()
+    return dist.group.WORLD if world > 1 else None
+
+
+def barrier(group: Optional[ProcessGroup] = None) -> None:
+    """Barrier over ``group`` (``None``: the world, if distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier(group=group)
+
+
+def destroy_process_group() -> None:
+    """Barrier, then tear down the default group (gloo runs can abort without the barrier)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def group_all_reduce(tensor: torch.Tensor, group: Optional[ProcessGroup], op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce over ``group`` (identity for ``None``); ``op`` is ``sum``, ``max`` or ``min``."""
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    if op not in ops:
+        raise ValueError(f"group_all_reduce: op must be one of {sorted(ops)}, got {op!r}")
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=ops[op], group=group)
+    return tensor
+
+
+def all_reduce_flag(flag: bool, group: Optional[ProcessGroup]) -> bool:
+    """Logical OR of a flag over ``group``: every member learns whether any member raised it."""
+    value = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    return bool(group_all_reduce(value, group, "max").item())
+
+
+def all_gather_objects(obj, group: Optional[ProcessGroup]) -> list:
+    """Picklable objects of every member of ``group``, in group-rank order (``[obj]`` for ``None``)."""
+    if group is None:
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_object(obj, src: int, group: Optional[ProcessGroup]):
+    """The object of global rank ``src`` on every member of ``group`` (``obj`` itself for ``None``)."""
+    if group is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+class _CopyToTPRegion(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over TP (every vocab shard's head reads the same input)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        return tp_all_reduce(ctx.group, grad, "sum"), None
+
+
+def copy_to_tp_region(tensor: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
+    """Enter a vocab-parallel layer: identity forward, all-reduce-sum of the gradient over ``group``."""
+    if group is None or dist.get_world_size(group) == 1:
+        return tensor
+    return _CopyToTPRegion.apply(tensor, group)
+
+
+class _GatherFromTPRegion(torch.autograd.Function):
+    """All-gather along the last dim forward; backward keeps this rank's slice.
+
+    Every TP rank computes the same function of the gathered tensor, so the gradient of this rank's own
+    slice is exactly the slice of its local gradient (no sum: that would count it TP times).
+    """
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        ctx.rank = dist.get_rank(group)
+        ctx.width = tensor.shape[-1]
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        start = ctx.rank * ctx.width
+        return grad[..., start : start + ctx.width].contiguous(), None
+
+
+def gather_from_tp_region(tensor: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
+    """Concatenate the TP shards of ``tensor`` along its last dim (differentiable; identity for ``None``)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return tensor
+    return _GatherFromTPRegion.apply(tensor, group)
