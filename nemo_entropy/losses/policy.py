@@ -123,7 +123,7 @@ def _per_call_selection(config, logprobs, advantages, mask, clip_active, token_u
     return select_clip_cov(candidates, token_uids, k, seed=config.seed, step=step), scores
 
 
-def _regularizers(config, logprobs, old_logprobs, advantages, mask, reference_logprobs, generation_logprobs,
+def _regularizers(config, logprobs, old_logprobs, mask, reference_logprobs, generation_logprobs, rewards,
                   global_valid_tokens, global_valid_seqs):
     """NeMo-RL's extras (importance-sampling correction, reference KL, positive-example NLL).
 
@@ -154,7 +154,10 @@ def _regularizers(config, logprobs, old_logprobs, advantages, mask, reference_lo
         extra = kl if extra is None else extra + kl
         metrics.update(m)
     if want_nll:
-        nll, m = regularizers.positive_example_nll(config, logprobs, advantages, mask, **counts)
+        if rewards is None:
+            raise ValueError(f"loss_fn.positive_example_nll_weight={config.positive_example_nll_weight} needs the "
+                             "per-sample rewards ([batch]) to find the correct samples")
+        nll, m = regularizers.positive_example_nll(config, logprobs, rewards, mask)
         extra = nll if extra is None else extra + nll
         metrics.update(m)
     return weights, extra, metrics
@@ -177,6 +180,7 @@ def policy_loss(
     step: int = 0,
     reference_logprobs: Optional[torch.Tensor] = None,
     generation_logprobs: Optional[torch.Tensor] = None,
+    rewards: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one micro-batch (scalar, differentiable w.r.t. ``logprobs``) and its metrics.
 
@@ -201,6 +205,7 @@ def policy_loss(
             flat position in this call).
         step: optimizer step (Clip-Cov's hash keys).
         reference_logprobs / generation_logprobs: for NeMo-RL's reference KL and importance-sampling keys.
+        rewards: per-sample rewards [batch], for ``positive_example_nll_weight`` (VAPO).
 
     Returns:
         ``(loss, metrics)``; every metric is pre-divided by the global count so that summing over
@@ -252,7 +257,7 @@ def policy_loss(
 
     per_token, aux = per_token_policy_loss(config, logprobs, old_logprobs, advantages, bool_mask, chosen)
     weights, extra_loss, extra_metrics = _regularizers(
-        config, lp, old_logprobs.float(), advantages.float(), bool_mask, reference_logprobs, generation_logprobs,
+        config, lp, old_logprobs.float(), bool_mask, reference_logprobs, generation_logprobs, rewards,
         gvt_t, gvs_t,
     )
     if weights is not None:
