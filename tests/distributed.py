@@ -14,6 +14,7 @@ Starting processes costs seconds, so a module should batch its scenarios into on
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -51,7 +52,15 @@ def _worker(rank, world_size, port, jobs, queue):
                     dist.barrier()
             finally:
                 dist.destroy_process_group()
-    queue.put((rank, results, error))
+    # Tensors travel as bytes: torch's shared-memory handles die with the worker process.
+    buffer = io.BytesIO()
+    try:
+        torch.save(results, buffer)
+    except Exception:
+        error = (error or "") + traceback.format_exc()
+        buffer = io.BytesIO()
+        torch.save([], buffer)
+    queue.put((rank, buffer.getvalue(), error))
 
 
 def run_distributed_many(world_size: int, jobs: Sequence[tuple[Callable, tuple]]) -> list[list[Any]]:
@@ -68,8 +77,8 @@ def run_distributed_many(world_size: int, jobs: Sequence[tuple[Callable, tuple]]
     by_rank, errors = {}, []
     try:
         for _ in range(world_size):
-            rank, results, error = queue.get(timeout=600)
-            by_rank[rank] = results
+            rank, payload, error = queue.get(timeout=600)
+            by_rank[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             if error:
                 errors.append(f"rank {rank}:\n{error}")
     finally:
