@@ -1,0 +1,28 @@
+"""Vocab-parallel entropy and log-prob of the sampled token, with gradients (DESIGN.md section 5).
+
+Public API::
+
+    entropy, logprobs = vocab_parallel_entropy_and_logprobs(logits_shard, targets, groups=tp_group)
+
+Importing this package is cheap: it needs torch only. Triton, megatron-core and the compiled kernels
+are imported on first use of a backend that needs them (see :mod:`nemo_entropy.entropy.dispatch`).
+Build the compiled kernels with ``nemo-entropy build-kernels``.
+"""
+
+from .vocab_parallel import (
+    ShardStats,
+    VocabParallelEntropyAndLogprobs,
+    VocabParallelEntropyMath,
+    vocab_parallel_entropy,
+    vocab_parallel_entropy_and_logprobs,
+    vocab_parallel_logprobs,
+)
+
+__all__ = [
+    "ShardStats",
+    "VocabParallelEntropyAndLogprobs",
+    "VocabParallelEntropyMath",
+    "vocab_parallel_entropy",
+    "vocab_parallel_entropy_and_logprobs",
+    "vocab_parallel_logprobs",
+]

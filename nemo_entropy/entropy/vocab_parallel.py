@@ -1,0 +1,258 @@
+"""Vocab-parallel entropy and log-prob: the math, the TP all-reduces, and the public functions.
+
+Under tensor parallelism each rank holds a shard ``z[:, vocab_start : vocab_start + V_local]`` of every
+token's logits. Per token we need, over the *full* vocabulary,
+
+    H    = logsumexp(z) - sum_v softmax(z)_v z_v        (entropy)
+    logp = z_target - logsumexp(z)                       (log-prob of the sampled token)
+
+Following Megatron-core's ``VocabParallelCrossEntropy`` layout (docs/STYLE), the math lives in one class
+of small static methods (:class:`VocabParallelEntropyMath`) and the collectives sit between them in one
+autograd Function (:class:`VocabParallelEntropyAndLogprobs`), shared by every backend:
+
+1. a backend computes per-row partial statistics of its shard: local max ``m_r``,
+   ``S_r = sum exp(z - m_r)``, ``T_r = sum exp(z - m_r) (z - m_r)`` and the target logit if the target
+   falls in this shard (else 0);
+2. all-reduce MAX of ``m_r`` -> global max ``M``; rescale ``S_r, T_r`` to ``M``;
+3. one all-reduce SUM of the stacked ``(S, T, target logit)``;
+4. ``lse = M + log S``, ``H = log S - T / S``, ``logp = z_target - lse``.
+
+Backward needs no collective: ``dlogp/dz_v = [v = target] - p_v`` and ``dH/dz_v = -p_v (z_v - E_p z)``
+depend only on the local logits and the saved per-row ``(lse, H)`` (``z_v - E_p z = z_v - lse + H``).
+Saved state is O(N): the logits shard itself (the caller's tensor, not a copy), the targets and two
+fp32 numbers per row. Entries at or past the true vocabulary size (Megatron pads the vocabulary to a
+multiple of the TP size) are excluded: they behave as -inf logits and get zero gradient.
+
+``T`` is accumulated relative to the max (``z - m`` rather than ``z``) because ``H = lse - E[z]`` loses
+every digit to cancellation when logits are large; ``H = log S - T / S`` does not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from ..parallel import GroupsLike, ParallelGroups, ProcessGroup, as_tp_group, tp_all_reduce
+
+__all__ = [
+    "ShardStats",
+    "VocabParallelEntropyMath",
+    "VocabParallelEntropyAndLogprobs",
+    "vocab_parallel_entropy_and_logprobs",
+    "vocab_parallel_entropy",
+    "vocab_parallel_logprobs",
+]
+
+# Mirrors kExpUnderflow / kShiftFloor of kernels/entropy_row.h (see there for why).
+EXP_UNDERFLOW = -87.0
+SHIFT_FLOOR = -100.0
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    """Per-row partial statistics of one vocabulary shard (each float32 ``[rows]``).
+
+    Attributes:
+        local_max: max of the row's valid logits on this shard (-inf if it has none).
+        sum_exp: ``sum exp(z - local_max)`` over the valid logits.
+        sum_exp_shifted: ``sum exp(z - local_max) * (z - local_max)``.
+        target_logit: the target's logit if the target lies in this shard, else 0.
+    """
+
+    local_max: torch.Tensor
+    sum_exp: torch.Tensor
+    sum_exp_shifted: torch.Tensor
+    target_logit: torch.Tensor
+
+
+def exp_nonpositive(d: torch.Tensor) -> torch.Tensor:
+    """``exp`` of shifts from a maximum, exactly 0 below the fp32 underflow (as the kernels do)."""
+    return torch.where(d < EXP_UNDERFLOW, torch.zeros_like(d), torch.exp(d))
+
+
+def floor_shift(d: torch.Tensor) -> torch.Tensor:
+    """Floor shifts at ``SHIFT_FLOOR`` so that a zero weight times a shift is 0, not NaN; NaN passes."""
+    return torch.where(d < SHIFT_FLOOR, torch.full_like(d, SHIFT_FLOOR), d)
+
+
+class VocabParallelEntropyMath:
+    """The math of vocab-parallel entropy / log-prob, between the collectives (no communication here)."""
+
+    @staticmethod
+    def local_targets(targets: torch.Tensor, vocab_start: int, valid_width: int) -> torch.Tensor:
+        """Target ids relative to this shard, ``-1`` where the target is not one of its valid columns."""
+        local = targets.reshape(-1).to(torch.int64) - vocab_start
+        outside = (local < 0) | (local >= valid_width)
+        return torch.where(outside, torch.full_like(local, -1), local).contiguous()
+
+    @staticmethod
+    def rescale_to_global_max(stats: ShardStats, global_max: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(S, T)`` of this shard re-expressed at the global max.
+
+        ``S' = S e^(m - M)``, ``T' = e^(m - M) (T + (m - M) S)``; a shard with no valid logit in a row
+        (``S = 0``) contributes exactly 0.
+        """
+        empty = stats.sum_exp == 0
+        delta = floor_shift(stats.local_max - global_max)
+        scale = exp_nonpositive(delta)
+        sum_exp = torch.where(empty, torch.zeros_like(scale), stats.sum_exp * scale)
+        shifted = torch.where(empty, torch.zeros_like(scale), scale * (stats.sum_exp_shifted + delta * stats.sum_exp))
+        return sum_exp, shifted
+
+    @staticmethod
+    def entropy_logprobs_lse(
+        global_max: torch.Tensor, sum_exp: torch.Tensor, sum_exp_shifted: torch.Tensor, target_logit: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(H, logp, lse)`` per row from the global statistics (all at the global max)."""
+        log_sum = torch.log(sum_exp)
+        lse = global_max + log_sum
+        entropy = log_sum - sum_exp_shifted / sum_exp
+        return entropy, target_logit - lse, lse
+
+
+class VocabParallelEntropyAndLogprobs(torch.autograd.Function):
+    """``(H, logp)`` of a ``[rows, V_local]`` logits shard; every TP collective of the feature is here."""
+
+    @staticmethod
+    def forward(ctx, logits, local_targets, valid_width, tp_group, backend):
+        stats = backend.shard_stats(logits, local_targets, valid_width)
+
+        global_max = stats.local_max.clone()
+        tp_all_reduce(tp_group, global_max, "max")  # (1) TP all-reduce MAX
+        sum_exp, shifted = VocabParallelEntropyMath.rescale_to_global_max(stats, global_max)
+        sums = torch.stack([sum_exp, shifted, stats.target_logit])
+        tp_all_reduce(tp_group, sums, "sum")  # (2) TP all-reduce SUM of (S, T, target logit)
+
+        entropy, logprobs, lse = VocabParallelEntropyMath.entropy_logprobs_lse(global_max, *sums.unbind(0))
+        ctx.save_for_backward(logits, local_targets, lse, entropy)
+        ctx.valid_width = valid_width
+        ctx.backend = backend
+        return entropy, logprobs
+
+    @staticmethod
+    def backward(ctx, grad_entropy, grad_logprobs):
+        logits, local_targets, lse, entropy = ctx.saved_tensors
+        grad_logits = ctx.backend.shard_grad(
+            logits,
+            local_targets,
+            ctx.valid_width,
+            lse,
+            entropy,
+            grad_entropy.float().contiguous(),
+            grad_logprobs.float().contiguous(),
+        )
+        return grad_logits, None, None, None, None
+
+
+def _check_inputs(logits_shard: torch.Tensor, targets: torch.Tensor) -> None:
+    if not isinstance(logits_shard, torch.Tensor) or logits_shard.dtype not in SUPPORTED_DTYPES:
+        got = logits_shard.dtype if isinstance(logits_shard, torch.Tensor) else type(logits_shard).__name__
+        raise TypeError(f"logits_shard must be a float32, bfloat16 or float16 tensor, got {got}")
+    if logits_shard.dim() < 1 or logits_shard.shape[-1] == 0:
+        raise ValueError(f"logits_shard must have shape [..., V_local] with V_local >= 1, got {tuple(logits_shard.shape)}")
+    if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        got = targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise TypeError(f"targets must be an integer tensor of token ids, got {got}")
+    if tuple(targets.shape) != tuple(logits_shard.shape[:-1]):
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal logits_shard.shape[:-1] = {tuple(logits_shard.shape[:-1])}"
+        )
+    if targets.device != logits_shard.device:
+        raise ValueError(f"targets are on {targets.device} but logits_shard on {logits_shard.device}")
+
+
+def _shard_geometry(
+    v_local: int, tp_group: Optional[ProcessGroup], vocab_start: Optional[int], vocab_size: Optional[int]
+) -> Tuple[int, int, int]:
+    tp = ParallelGroups(tp_group=tp_group)
+    if vocab_start is None:
+        vocab_start = tp.tp_rank * v_local
+    if vocab_size is None:
+        vocab_size = v_local * tp.tp_world_size
+    vocab_start, vocab_size = int(vocab_start), int(vocab_size)
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    if not 0 <= vocab_start < v_local * tp.tp_world_size:
+        raise ValueError(
+            f"vocab_start must be in [0, {v_local * tp.tp_world_size}) (shard width {v_local} x TP size "
+            f"{tp.tp_world_size}), got {vocab_start}"
+        )
+    valid_width = max(0, min(v_local, vocab_size - vocab_start))
+    return vocab_start, vocab_size, valid_width
+
+
+def _check_target_range(targets: torch.Tensor, vocab_size: int) -> None:
+    if targets.numel() == 0:
+        return
+    # One host sync; a silent out-of-range target would give a wrong log-prob with no error anywhere.
+    lo, hi = int(targets.min()), int(targets.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"targets must be token ids in [0, vocab_size={vocab_size}), got {bad}")
+
+
+def vocab_parallel_entropy_and_logprobs(
+    logits_shard: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    groups: GroupsLike = None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Full-vocabulary entropy and target log-prob per token from a vocab-parallel logits shard.
+
+    Args:
+        logits_shard: ``[..., V_local]`` float32, bfloat16 or float16 logits of this rank's vocabulary
+            shard. Read, never copied to fp32 (a non-contiguous last dimension is made contiguous in its
+            own dtype).
+        targets: integer token ids of shape ``logits_shard.shape[:-1]``, global ids in ``[0, vocab_size)``.
+        groups: ``None`` (unsharded), the TP ``ProcessGroup``, or a
+            :class:`~nemo_entropy.parallel.ParallelGroups` (its ``tp_group`` is used).
+        vocab_start: global id of this shard's first column (default: TP rank x ``V_local``).
+        vocab_size: true vocabulary size (default: ``V_local`` x TP size); columns at or past it are
+            padding and excluded.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"`` (see
+            :mod:`nemo_entropy.entropy.dispatch`).
+
+    Returns:
+        ``(entropy, logprobs)``, float32, shape of ``targets``, both differentiable with respect to
+        ``logits_shard``. Rows whose logits are all -inf (or contain NaN or +inf) give NaN.
+
+    Raises:
+        ValueError: targets outside ``[0, vocab_size)``, bad shapes or shard geometry.
+        TypeError: unsupported dtypes.
+    """
+    from .dispatch import resolve_backend  # deferred: dispatch imports build machinery lazily
+
+    _check_inputs(logits_shard, targets)
+    tp_group = as_tp_group(groups)
+    v_local = logits_shard.shape[-1]
+    vocab_start, vocab_size, valid_width = _shard_geometry(v_local, tp_group, vocab_start, vocab_size)
+    _check_target_range(targets, vocab_size)
+
+    impl = resolve_backend(backend, logits_shard.device)
+    logits2d = logits_shard.reshape(-1, v_local)
+    if logits2d.shape[0] > 0 and logits2d.stride(-1) != 1:
+        logits2d = logits2d.contiguous()
+    local_targets = VocabParallelEntropyMath.local_targets(targets, vocab_start, valid_width)
+    entropy, logprobs = VocabParallelEntropyAndLogprobs.apply(logits2d, local_targets, valid_width, tp_group, impl)
+    return entropy.reshape(targets.shape), logprobs.reshape(targets.shape)
+
+
+def vocab_parallel_entropy(logits_shard: torch.Tensor, targets: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+    """Full-vocabulary entropy per token (see :func:`vocab_parallel_entropy_and_logprobs`).
+
+    ``targets`` may be omitted: the entropy does not depend on them (token 0 is used internally).
+    """
+    if targets is None:
+        targets = torch.zeros(logits_shard.shape[:-1], dtype=torch.int64, device=logits_shard.device)
+    return vocab_parallel_entropy_and_logprobs(logits_shard, targets, **kwargs)[0]
+
+
+def vocab_parallel_logprobs(logits_shard: torch.Tensor, targets: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Log-prob of each target token over the full vocabulary (see :func:`vocab_parallel_entropy_and_logprobs`)."""
+    return vocab_parallel_entropy_and_logprobs(logits_shard, targets, **kwargs)[1]
