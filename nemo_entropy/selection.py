@@ -59,11 +59,18 @@ def _as_bool_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
     raise TypeError(f"{name} must be bool or 0/1 numeric, got dtype {mask.dtype}")
 
 
-def validate_token_inputs(mask: torch.Tensor, **tensors: Optional[torch.Tensor]) -> torch.Tensor:
+def _non_finite_error(name: str, tensor: torch.Tensor, mask: torch.Tensor) -> ValueError:
+    count = int(((~torch.isfinite(tensor.detach())) & mask).sum())
+    return ValueError(f"{name} has {count} non-finite (NaN or inf) values on valid (unmasked) tokens")
+
+
+def validate_token_inputs(mask: torch.Tensor, *, check_finite: bool = True,
+                          **tensors: Optional[torch.Tensor]) -> torch.Tensor:
     """Check per-token tensors against ``mask`` and return the mask as bool.
 
     Every tensor must have the mask's shape and device; float tensors must be finite on valid tokens
     (masked positions may hold anything, e.g. -inf log-probs of padding); ``token_uids`` must be int64.
+    ``check_finite=False`` leaves the finiteness check to the caller (the exact sums do it for free).
     """
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
@@ -84,40 +91,61 @@ def validate_token_inputs(mask: torch.Tensor, **tensors: Optional[torch.Tensor])
             continue
         if not tensor.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point tensor (fp32, bf16, fp16 or fp64), got {tensor.dtype}")
-        bad = (~torch.isfinite(tensor.detach())) & bool_mask
-        if bool(bad.any()):
-            raise ValueError(f"{name} has {int(bad.sum())} non-finite (NaN or inf) values on valid (unmasked) tokens")
+        if check_finite and not bool(torch.isfinite(tensor.detach()).logical_or_(~bool_mask).all()):
+            raise _non_finite_error(name, tensor, bool_mask)
     return bool_mask
 
 
 # ----------------------------------------------------------------------------------------------- exact sums
-def _fixed_point(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    q = torch.round(values.detach().to(torch.float64) * float(1 << _FIXED_POINT_BITS))
-    return torch.where(mask, q, torch.zeros_like(q)).to(torch.int64)
+def _fixed_point_sum(values: torch.Tensor, mask: Optional[torch.Tensor], world_size: int, name: str) -> torch.Tensor:
+    """Exact int64 sum of ``values`` over valid tokens, each rounded to a multiple of 2**-20.
+
+    Scaling by a power of two and rounding to an integer are exact in the input's own float format, so fp32
+    inputs never need an fp64 copy. Also checks finiteness on valid tokens (NaN and inf propagate to the max).
+    """
+    work_dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+    if mask is None:  # already compacted to valid tokens
+        masked = values.detach().to(work_dtype)
+    else:
+        masked = torch.where(mask, values.detach().to(work_dtype), torch.zeros((), dtype=work_dtype,
+                                                                                device=values.device))
+    if masked.numel() == 0:
+        return torch.zeros((), dtype=torch.int64, device=values.device)
+    max_abs = float(masked.abs().max())
+    if not max_abs < float("inf"):
+        raise _non_finite_error(name, values, mask if mask is not None else torch.ones_like(values, dtype=torch.bool))
+    # Overflow guard (no per-token host copy): the group's sum of |q| must stay below 2**62.
+    if max_abs * float(masked.numel()) * float(1 << _FIXED_POINT_BITS) * world_size >= 2.0**62:
+        raise ValueError(f"{name} are too large for the exact fixed-point sums (max |value| x tokens x world "
+                         f"must stay below 2**42)")
+    return torch.round(masked * float(1 << _FIXED_POINT_BITS)).to(torch.int64).sum()
 
 
 def global_token_stats(
     logprobs: torch.Tensor,
     advantages: torch.Tensor,
-    mask: torch.Tensor,
+    mask: Optional[torch.Tensor],
     groups: GroupsLike = None,
     *,
     form: str = "natural",
 ) -> tuple[int, torch.Tensor, torch.Tensor]:
     """``(N, mean l, mean X)`` over the valid tokens of the whole token group, with one int64 all-reduce.
 
+    ``mask=None``: the tensors hold valid tokens only (already compacted).
+
     ``X`` is the advantage (``form="natural"``) or ``p * A`` with ``p = exp(l)`` (``form="vanilla"``).
     The means are float64 scalars identical on every rank, whatever the layout.
     """
     g = as_groups(groups)
-    mask = _as_bool_mask(mask)
-    x = advantages if form == "natural" else torch.exp(logprobs.detach().double()) * advantages.detach().double()
-    ql, qx = _fixed_point(logprobs, mask), _fixed_point(x, mask)
-    limit = (1 << 62) // max(1, g.token_world_size)
-    if int(ql.abs().sum()) > limit or int(qx.abs().sum()) > limit:
-        raise ValueError("log-probs or advantages are too large for the exact fixed-point sums "
-                         "(sum of |values| must stay below 2**42 over the batch)")
-    local = torch.stack([mask.sum().to(torch.int64), ql.sum(), qx.sum()])
+    mask = None if mask is None else _as_bool_mask(mask)
+    x = advantages if form == "natural" else torch.exp(logprobs.detach().float()) * advantages.detach().float()
+    world = g.token_world_size
+    count = mask.sum() if mask is not None else torch.tensor(logprobs.numel(), device=logprobs.device)
+    local = torch.stack([
+        count.to(torch.int64),
+        _fixed_point_sum(logprobs, mask, world, "logprobs"),
+        _fixed_point_sum(x, mask, world, "advantages"),
+    ])
     total = g.token_all_reduce_sum(local)
     n = int(total[0])
     denom = float(max(n, 1) * (1 << _FIXED_POINT_BITS))
@@ -145,11 +173,12 @@ def covariance_scores(
 
 
 def _scores_from_means(logprobs, advantages, mask, mean_l, mean_x, form):
-    l = logprobs.detach().double()
-    a = advantages.detach().double()
+    # fp32 elementwise math on identical inputs and identical (exact) means: bit-identical on every rank.
+    l = logprobs.detach().float()
+    a = advantages.detach().float()
     x = a if form == "natural" else torch.exp(l) * a
-    scores = ((l - mean_l) * (x - mean_x)).float()
-    return torch.where(mask, scores, torch.zeros_like(scores))
+    scores = (l - mean_l.float()) * (x - mean_x.float())
+    return torch.where(mask, scores, torch.zeros((), dtype=scores.dtype))
 
 
 # ----------------------------------------------------------------------------------------------- hash keys
@@ -204,15 +233,30 @@ def token_uids_for(sample_ids: torch.Tensor, seq_len: int, positions: Optional[t
 # ----------------------------------------------------------------------------------------------- top-k
 def _lexicographic_top(priority: torch.Tensor, uids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``k`` entries of 1-D tensors under (priority descending, uid ascending)."""
-    if priority.numel() > k:
-        # Cut to the entries that can matter (>= the k-th largest priority, ties included) before sorting.
-        kth = torch.topk(priority, k, sorted=False).values.min()
-        keep = priority >= kth
-        priority, uids = priority[keep], uids[keep]
     by_uid = torch.argsort(uids)
     priority, uids = priority[by_uid], uids[by_uid]
     by_priority = torch.argsort(priority, descending=True, stable=True)
     return priority[by_priority][:k], uids[by_priority][:k]
+
+
+def _local_offer(priority: torch.Tensor, uids: torch.Tensor, eligible: torch.Tensor, k: int):
+    """This rank's first ``k`` eligible entries under the total order, padded to exactly ``k`` with
+    ``(-inf, INT64_MAX)``, as float64 priorities and int64 uids."""
+    flat_p = priority.reshape(-1).masked_fill(~eligible.reshape(-1), float("-inf"))
+    flat_u = uids.reshape(-1)
+    if flat_p.numel() > k:
+        # Cut to the entries that can matter (>= the k-th largest priority, ties included) before sorting;
+        # a top-k over the dense tensor avoids compacting all N tokens first.
+        kth = torch.topk(flat_p, k, sorted=False).values.min()
+        keep = (flat_p >= kth) & eligible.reshape(-1) if bool(kth > float("-inf")) else eligible.reshape(-1)
+    else:
+        keep = eligible.reshape(-1)
+    top_p, top_u = _lexicographic_top(flat_p[keep].to(torch.float64), flat_u[keep], k)
+    pad = k - top_p.numel()
+    if pad:
+        top_p = torch.cat([top_p, torch.full((pad,), float("-inf"), dtype=torch.float64, device=top_p.device)])
+        top_u = torch.cat([top_u, torch.full((pad,), _INT64_MAX, dtype=torch.int64, device=top_u.device)])
+    return top_p, top_u
 
 
 def _distributed_top_k(
@@ -222,24 +266,16 @@ def _distributed_top_k(
 
     All of them if fewer than ``k`` are eligible. ``k`` must be the same on every rank.
     """
-    local_p = priority[eligible].to(torch.float64)
-    local_u = uids[eligible]
-    top_p, top_u = _lexicographic_top(local_p, local_u, k)
-    pad = k - top_p.numel()
-    if pad:
-        top_p = torch.cat([top_p, torch.full((pad,), float("-inf"), dtype=torch.float64, device=top_p.device)])
-        top_u = torch.cat([top_u, torch.full((pad,), _INT64_MAX, dtype=torch.int64, device=top_u.device)])
+    top_p, top_u = _local_offer(priority, uids, eligible, k)
     if g.token_world_size > 1:
-        # One all-gather of k (priority, uid) pairs per rank: pack both into one float64 buffer is lossy for
-        # uids, so gather them as two tensors stacked in int64 bit patterns.
-        packed = torch.stack([top_p.view(torch.int64), top_u])  # [2, k]
-        gathered = g.token_all_gather(packed.reshape(1, 2, k)).reshape(-1, 2, k)
-        all_p = gathered[:, 0, :].reshape(-1).view(torch.float64)
-        all_u = gathered[:, 1, :].reshape(-1)
-        top_p, top_u = _lexicographic_top(all_p, all_u, k)
-    threshold_p, threshold_u = top_p[k - 1], top_u[k - 1]
-    p = priority.to(torch.float64)
-    above = (p > threshold_p) | ((p == threshold_p) & (uids <= threshold_u))
+        # One all-gather of the k (priority, uid) pairs of every rank, both as int64 bit patterns.
+        packed = torch.stack([top_p.view(torch.int64), top_u]).reshape(1, 2, k)
+        gathered = g.token_all_gather(packed)
+        top_p, top_u = _lexicographic_top(gathered[:, 0, :].reshape(-1).view(torch.float64),
+                                          gathered[:, 1, :].reshape(-1), k)
+    # Priorities came from this dtype exactly, so comparing in it is exact.
+    threshold_p, threshold_u = top_p[k - 1].to(priority.dtype), top_u[k - 1]
+    above = (priority > threshold_p) | ((priority == threshold_p) & (uids <= threshold_u))
     return eligible & above
 
 
@@ -289,16 +325,25 @@ def select_tokens(
     ``N`` is the number of valid tokens over the whole group. The mask is bit-identical for any split of
     the same tokens over ranks and micro-batches.
     """
-    bool_mask = validate_token_inputs(mask, logprobs=logprobs, advantages=advantages, token_uids=token_uids)
+    bool_mask = validate_token_inputs(mask, check_finite=False, logprobs=logprobs, advantages=advantages,
+                                      token_uids=token_uids)
     g = as_groups(groups)
     if config.method == "ppo":
         return torch.zeros_like(bool_mask)
-    n, mean_l, mean_x = global_token_stats(logprobs, advantages, bool_mask, g, form=config.cov_form)
+    # Work on the valid tokens only (one nonzero, three gathers), scatter the answer back at the end.
+    valid = bool_mask.reshape(-1).nonzero().squeeze(1)
+    lp, adv, uids = (t.reshape(-1).index_select(0, valid) for t in (logprobs, advantages, token_uids))
+    n, mean_l, mean_x = global_token_stats(lp, adv, None, g, form=config.cov_form)
+    chosen = torch.zeros_like(bool_mask)
     if n == 0:  # agreed by every rank: nobody enters the all-gather
-        return torch.zeros_like(bool_mask)
-    scores = _scores_from_means(logprobs, advantages, bool_mask, mean_l, mean_x, config.cov_form)
+        return chosen
+    everything = torch.ones_like(uids, dtype=torch.bool)
+    scores = _scores_from_means(lp, adv, everything, mean_l, mean_x, config.cov_form)
     k = selection_quota(config.selection_ratio, n)
     if config.method == "kl_cov":
-        return _distributed_top_k(scores, token_uids, bool_mask, k, g)
-    candidates = bool_mask & (scores > config.clip_cov_lb) & (scores < config.clip_cov_ub)
-    return select_clip_cov(candidates, token_uids, k, seed=config.seed, step=step, groups=g)
+        picked = _distributed_top_k(scores, uids, everything, k, g)
+    else:
+        candidates = (scores > config.clip_cov_lb) & (scores < config.clip_cov_ub)
+        picked = select_clip_cov(candidates, uids, k, seed=config.seed, step=step, groups=g)
+    chosen.view(-1)[valid[picked]] = True
+    return chosen

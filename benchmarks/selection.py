@@ -1,0 +1,116 @@
+"""Cost and fidelity of the batch-scope selection against the reference's per-micro-batch selection.
+
+Prints two tables:
+
+1. Time of ``select_tokens`` (exact, global, one process holding the whole step) against a verl-style
+   per-call selection (means, quota and top-k per micro-batch, per-token data copied to the host) on ~1M valid
+   tokens, as a ratio; plus the bytes each approach moves (host copies and collective payloads per rank).
+2. Overlap between the per-micro-batch selection (what the reference does on each GPU) and the exact global
+   selection, on a synthetic GRPO-like batch, at ratios 2e-3 and 2e-4, for several micro-batch sizes.
+
+    python benchmarks/selection.py [--prompts 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from nemo_entropy.config import loss_config
+from nemo_entropy.selection import select_tokens, token_uids_for
+
+
+def synthetic_step(prompts: int, responses: int, max_len: int, seed: int = 0):
+    """A GRPO-like step: group-normalised binary rewards, variable lengths, heavy-tailed log-probs."""
+    gen = torch.Generator().manual_seed(seed)
+    batch = prompts * responses
+    lengths = torch.randint(max_len // 8, max_len + 1, (batch,), generator=gen)
+    mask = torch.arange(max_len)[None, :] < lengths[:, None]
+    # Most tokens are confident; a few are "forking" tokens with low probability.
+    confident = -torch.empty(batch, max_len).exponential_(1 / 0.05, generator=gen)
+    forking = -torch.empty(batch, max_len).exponential_(1 / 2.5, generator=gen)
+    is_fork = torch.rand(batch, max_len, generator=gen) < 0.08
+    logprobs = torch.where(is_fork, forking, confident)
+    p_correct = torch.rand(prompts, 1, generator=gen)
+    rewards = (torch.rand(prompts, responses, generator=gen) < p_correct).float()
+    adv = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)
+    adv = adv.reshape(batch, 1).expand(batch, max_len).contiguous()
+    uids = token_uids_for(torch.arange(batch), max_len)
+    return logprobs, adv, mask, uids
+
+
+def reference_per_call(logprobs, adv, mask, ratio, micro_batch):
+    """verl's KL-Cov selection, micro-batch by micro-batch (as each GPU does it)."""
+    chosen = torch.zeros_like(mask)
+    for lo in range(0, mask.shape[0], micro_batch):
+        m = mask[lo:lo + micro_batch]
+        idx = torch.nonzero(m.reshape(-1), as_tuple=True)[0]
+        a = adv[lo:lo + micro_batch].reshape(-1)[idx].cpu()  # the reference copies per-token data to the host
+        l = logprobs[lo:lo + micro_batch].reshape(-1)[idx].cpu()
+        if len(a) == 0:
+            continue
+        cov = (a - a.mean()) * (l - l.mean())
+        k = max(1, int(len(cov) * ratio))
+        top = idx[torch.topk(cov, k).indices]
+        part = torch.zeros(m.numel(), dtype=torch.bool)
+        part[top] = True
+        chosen[lo:lo + micro_batch] = part.reshape(m.shape)
+    return chosen
+
+
+def _time(fn, repeats):
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--responses", type=int, default=8)
+    parser.add_argument("--max-len", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--world", type=int, default=8, help="DP ranks assumed for the bytes column")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    logprobs, adv, mask, uids = synthetic_step(args.prompts, args.responses, args.max_len)
+    n = int(mask.sum())
+    print(f"synthetic step: {args.prompts} prompts x {args.responses} responses, {n:,} valid tokens")
+    print()
+    print("| ratio | selection | time (ms) | ratio to reference | host copy / step | collective payload per rank |")
+    print("|---|---|---|---|---|---|")
+    for ratio in (2e-3, 2e-4):
+        cfg = loss_config(dict(method="kl_cov", kl_cov_ratio=ratio))
+        k = max(1, int(n * ratio))
+        t_ours = _time(lambda: select_tokens(cfg, logprobs, adv, mask, token_uids=uids, step=0), args.repeats)
+        t_ref = _time(lambda: reference_per_call(logprobs, adv, mask, ratio, micro_batch=4), args.repeats)
+        ours_bytes = 4 * 8 + args.world * k * 16  # all-reduce of 4 int64; all-gather of k (score, uid) pairs
+        print(f"| {ratio:g} | reference, per micro-batch of 4 | {t_ref * 1e3:.1f} | 1.00 | {n * 8 / 2**20:.1f} MiB "
+              f"| 0 (and a different answer) |")
+        print(f"| {ratio:g} | ours, exact global (k={k}) | {t_ours * 1e3:.1f} | {t_ours / t_ref:.2f} | 0 "
+              f"| {ours_bytes / 1024:.1f} KiB (world {args.world}) |")
+    print()
+    print("Overlap of the reference's per-micro-batch selection with the exact global top-k")
+    print("(fraction of the global set the reference also picks; and how many tokens it picks instead of k):")
+    print()
+    print("| ratio | micro-batch (sequences) | global k | reference picks | overlap with global |")
+    print("|---|---|---|---|---|")
+    for ratio in (2e-3, 2e-4):
+        cfg = loss_config(dict(method="kl_cov", kl_cov_ratio=ratio))
+        exact = select_tokens(cfg, logprobs, adv, mask, token_uids=uids, step=0)
+        k = int(exact.sum())
+        for micro_batch in (1, 4, 16, 64):
+            ref = reference_per_call(logprobs, adv, mask, ratio, micro_batch)
+            overlap = int((ref & exact).sum()) / k
+            print(f"| {ratio:g} | {micro_batch} | {k} | {int(ref.sum())} | {overlap:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
