@@ -1,0 +1,300 @@
+"""The run entry: ``python -m nemo_entropy.train`` / ``nemo-entropy train``.
+
+    python -m nemo_entropy.train [--config-name NAME] [--config-dir DIR] [--dry-run] [hydra overrides...]
+
+1. Composes ``conf/NAME.yaml`` with Hydra's compose API and plain Hydra overrides
+   (``loss_fn.kl_cov_ratio=0.002 cluster.num_nodes=8``; ``+new.key=v`` / ``++key=v`` add keys).
+2. Validates it: ``loss_fn`` through :func:`nemo_entropy.config.loss_config`, the parallel layout
+   (``world = TP x PP x CP x DP``, batch divisibility), the ``nemo_rl`` section, and for ``backend: local``
+   the engine section (``nemo_entropy.engine.validate_engine_config``). Errors name the key and value.
+3. Prints the resolved config and the layout, then runs ``backend: local`` (the embedded engine,
+   ``nemo_entropy.engine.run_local``) or ``backend: nemo_rl`` (NeMo-RL's GRPO loop with our loss and the
+   driver-side selection; needs the NeMo-RL container). ``--dry-run`` stops after printing, with the
+   command that would run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+__all__ = ["main", "compose_config", "validate_run_config", "default_config_dir", "NemoRLUnavailable"]
+
+DEFAULT_CONFIG_NAME = "local_kl_cov"
+BACKENDS = ("local", "nemo_rl")
+REQUIRED_SECTIONS = ("grpo", "loss_fn", "policy", "logger", "checkpointing", "cluster")
+NEMO_RL_SECTION_DEFAULTS = {"root": None, "base_config": "examples/configs/grpo_math_1B.yaml",
+                            "selection": "driver", "input_type": "logprob", "log_entropy": True}
+OUR_SECTIONS = ("backend", "engine", "nemo_rl")  # never handed to NeMo-RL
+
+
+class NemoRLUnavailable(RuntimeError):
+    """NeMo-RL cannot be imported in this environment."""
+
+
+NEMO_RL_MISSING = (
+    "backend=nemo_rl needs NeMo-RL, which is not importable here ({error}). NeMo-RL is not on PyPI: run inside "
+    "the NeMo-RL container (or a NeMo-RL checkout's venv) with this plugin on PYTHONPATH, e.g.\n"
+    "  export PYTHONPATH=/path/to/nemo-entropy:$PYTHONPATH   # forwarded by Ray to the policy workers\n"
+    "  export NEMO_RL_ROOT=/opt/nemo-rl                       # the NeMo-RL checkout (examples/, configs)\n"
+    "  python -m nemo_entropy.train --config-name {name} ...\n"
+    "On Slurm, NeMo-RL's ray.sub runs that command on the Ray head (see docs/nemo_rl.md). To try the controls "
+    "without NeMo-RL, add +preset=local_tiny (the embedded CPU engine)."
+)
+
+
+# ----------------------------------------------------------------------------------------------- compose
+def default_config_dir() -> Path:
+    """``$NEMO_ENTROPY_CONF_DIR``, else the ``conf/`` folder next to the package (a source checkout)."""
+    env = os.environ.get("NEMO_ENTROPY_CONF_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose_config(config_name: str, overrides: Sequence[str] = (), config_dir: Optional[os.PathLike] = None):
+    """Compose ``config_name`` from ``config_dir`` with Hydra overrides; returns an OmegaConf ``DictConfig``.
+
+    Raises ``ValueError`` naming the config, the override or the key when Hydra rejects them.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    directory = Path(config_dir) if config_dir is not None else default_config_dir()
+    if not directory.is_dir():
+        raise ValueError(f"--config-dir {str(directory)!r} is not a directory (set NEMO_ENTROPY_CONF_DIR or pass it)")
+    if not (directory / f"{config_name}.yaml").is_file():
+        names = sorted(p.stem for p in directory.glob("*.yaml"))
+        raise ValueError(f"--config-name {config_name!r}: no {config_name}.yaml in {directory}; available: {names}")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(directory.resolve()), version_base=None):
+            return compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ValueError(f"config {config_name!r} with overrides {list(overrides)}: {err}") from err
+    finally:
+        GlobalHydra.instance().clear()
+
+
+# ----------------------------------------------------------------------------------------------- validate
+def _require_positive_int(section: dict, key: str, prefix: str) -> int:
+    value = section.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{prefix}.{key}={value!r} is invalid: allowed an integer >= 1")
+    return value
+
+
+def validate_run_config(cfg: Any) -> tuple[dict, Any, Any]:
+    """Check a composed run config; returns ``(resolved plain dict, LossConfig, ParallelLayout)``.
+
+    Every error is a ``ValueError`` naming the key, its value and what is allowed.
+    """
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .integrations.megatron import parallel_layout
+    from .integrations.nemo_rl import loss_config_from_nemo_rl
+
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"config does not resolve: {err}") from err
+    backend = plain.get("backend")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is invalid: allowed one of {BACKENDS}")
+    for section in REQUIRED_SECTIONS:
+        if not isinstance(plain.get(section), dict):
+            raise ValueError(f"config section {section!r} is missing (every run config has {REQUIRED_SECTIONS})")
+    loss = loss_config_from_nemo_rl(plain["loss_fn"])
+    grpo = plain["grpo"]
+    for key in ("num_prompts_per_step", "num_generations_per_prompt", "max_num_steps"):
+        _require_positive_int(grpo, key, "grpo")
+    layout = parallel_layout(plain)
+    policy = plain["policy"]
+    if loss.force_on_policy_ratio:
+        rollout = grpo["num_prompts_per_step"] * grpo["num_generations_per_prompt"]
+        if policy.get("train_global_batch_size") != rollout:
+            raise ValueError(
+                f"loss_fn.force_on_policy_ratio=true needs one optimizer step per rollout: "
+                f"policy.train_global_batch_size={policy.get('train_global_batch_size')} must equal "
+                f"grpo.num_prompts_per_step x num_generations_per_prompt = {rollout}"
+            )
+    if backend == "nemo_rl":
+        section = {**NEMO_RL_SECTION_DEFAULTS, **(plain.get("nemo_rl") or {})}
+        unknown = sorted(set(section) - set(NEMO_RL_SECTION_DEFAULTS))
+        if unknown:
+            raise ValueError(f"nemo_rl.{unknown[0]} is not a known key; known: {sorted(NEMO_RL_SECTION_DEFAULTS)}")
+        if section["selection"] not in ("driver", "worker"):
+            raise ValueError(f"nemo_rl.selection={section['selection']!r} is invalid: allowed 'driver' or 'worker'")
+        if section["input_type"] not in ("logprob", "logit"):
+            raise ValueError(f"nemo_rl.input_type={section['input_type']!r} is invalid: allowed 'logprob' or 'logit'")
+        if not isinstance(section["base_config"], str) or not section["base_config"].endswith((".yaml", ".yml")):
+            raise ValueError(f"nemo_rl.base_config={section['base_config']!r} is invalid: allowed a YAML path "
+                             "relative to the NeMo-RL checkout")
+        plain["nemo_rl"] = section
+    else:
+        from .engine import validate_engine_config
+
+        validate_engine_config(cfg)
+    return plain, loss, layout
+
+
+# ----------------------------------------------------------------------------------------------- NeMo-RL
+def _import_nemo_rl(config_name: str):
+    try:
+        import nemo_rl  # type: ignore
+        from nemo_rl.algorithms import grpo  # type: ignore
+    except ImportError as err:
+        raise NemoRLUnavailable(NEMO_RL_MISSING.format(error=err, name=config_name)) from err
+    return nemo_rl, grpo
+
+
+def nemo_rl_paths(plain: dict, nemo_rl_module: Any = None) -> tuple[Path, Path]:
+    """``(examples/run_grpo.py, base config)`` of the NeMo-RL checkout (``nemo_rl.root``, ``$NEMO_RL_ROOT``, or
+    the folder above the imported ``nemo_rl`` package)."""
+    section = plain["nemo_rl"]
+    root = section.get("root") or os.environ.get("NEMO_RL_ROOT")
+    if not root and nemo_rl_module is not None:
+        root = str(Path(nemo_rl_module.__file__).resolve().parent.parent)
+    if not root:
+        raise ValueError("nemo_rl.root is not set (and neither is $NEMO_RL_ROOT): point it at the NeMo-RL checkout")
+    return Path(root) / "examples" / "run_grpo.py", Path(root) / section["base_config"]
+
+
+def nemo_rl_config(plain: dict) -> dict:
+    """Our config minus our own sections: what is merged on top of NeMo-RL's base config."""
+    return {k: v for k, v in plain.items() if k not in OUR_SECTIONS}
+
+
+def _patched_grpo_train(original, loss_config, section, steps_per_rollout):
+    """NeMo-RL's ``grpo_train`` with the policy wrapped for the driver-side selection."""
+    from .integrations.driver_selection import BatchSelectionPolicy
+
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def grpo_train(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        state = bound.arguments.get("grpo_save_state") or {}
+        first = int(state.get("current_step", 0) if hasattr(state, "get") else 0) * (steps_per_rollout or 1)
+        policy_cfg = bound.arguments["master_config"]["policy"]
+        bound.arguments["policy"] = BatchSelectionPolicy(
+            bound.arguments["policy"], loss_config, train_global_batch_size=policy_cfg["train_global_batch_size"],
+            mode=section["selection"], first_step=first,
+        )
+        return original(*bound.args, **bound.kwargs)
+
+    return grpo_train
+
+
+def run_nemo_rl(plain: dict, loss_config: Any, config_name: str) -> int:
+    """Run NeMo-RL's own GRPO example with our loss (built by its ``setup()``) and the selection wrapper."""
+    import runpy
+
+    from omegaconf import OmegaConf
+
+    from .integrations.driver_selection import steps_per_rollout
+    from .integrations.nemo_rl import EntropyControlLossFn
+
+    nemo_rl_module, grpo = _import_nemo_rl(config_name)
+    script, base = nemo_rl_paths(plain, nemo_rl_module)
+    for path, key in ((script, "nemo_rl.root"), (base, "nemo_rl.base_config")):
+        if not path.is_file():
+            raise ValueError(f"{key}: {path} does not exist in the NeMo-RL checkout")
+    from nemo_rl.utils.config import load_config  # type: ignore
+
+    merged = OmegaConf.merge(load_config(str(base)), OmegaConf.create(nemo_rl_config(plain)))
+    out_dir = Path(plain["logger"]["log_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged_path = out_dir / "nemo_rl_config.yaml"
+    OmegaConf.save(merged, merged_path)
+    section = plain["nemo_rl"]
+    # NeMo-RL's setup() builds ClippedPGLossFn(cfg, ...) from its module globals: this puts ours there instead.
+    grpo.ClippedPGLossFn = functools.partial(EntropyControlLossFn, input_type=section["input_type"],
+                                             log_entropy=section["log_entropy"])
+    per_rollout = steps_per_rollout(plain["grpo"], plain["policy"])
+    grpo.grpo_train = _patched_grpo_train(grpo.grpo_train, loss_config, section, per_rollout)
+    print(f"[nemo-entropy] running {script} --config {merged_path}", flush=True)
+    argv = sys.argv
+    sys.argv = [str(script), "--config", str(merged_path)]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- main
+def _command(args: argparse.Namespace, overrides: Sequence[str]) -> str:
+    parts = ["python", "-m", "nemo_entropy.train", "--config-name", args.config_name]
+    if args.config_dir:
+        parts += ["--config-dir", args.config_dir]
+    return shlex.join(parts + list(overrides))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nemo-entropy train",
+        description="Run GRPO with an entropy control (Clip-Cov / KL-Cov) on the local engine or NeMo-RL.",
+        epilog="Overrides use Hydra's syntax: loss_fn.kl_cov_ratio=0.002 cluster.num_nodes=8 +preset=local_tiny",
+    )
+    parser.add_argument("--config-name", default=DEFAULT_CONFIG_NAME, help="config in conf/ (default %(default)s)")
+    parser.add_argument("--config-dir", default=None, help="config folder (default: the repository's conf/)")
+    parser.add_argument("--dry-run", action="store_true", help="resolve, validate and print; do not train")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry of ``python -m nemo_entropy.train`` and ``nemo-entropy train``; returns the exit code."""
+    args, overrides = _parser().parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    unknown_flags = [o for o in overrides if o.startswith("-")]
+    if unknown_flags:
+        print(f"nemo-entropy train: unknown option {unknown_flags[0]!r} (overrides are key=value)", file=sys.stderr)
+        return 2
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = compose_config(args.config_name, overrides, args.config_dir)
+        plain, loss, layout = validate_run_config(cfg)
+    except ValueError as err:
+        print(f"nemo-entropy train: invalid config: {err}", file=sys.stderr)
+        return 2
+    print(f"# config {args.config_name} (resolved)")
+    print(OmegaConf.to_yaml(OmegaConf.create(plain)), end="")
+    print(f"# layout: {layout.describe()}")
+    print(f"# loss: method={loss.method} scope={loss.scope} "
+          f"selection_ratio={loss.selection_ratio} eps=({loss.ratio_clip_min}, {loss.ratio_clip_max})")
+    command = _command(args, overrides)
+    if args.dry_run:
+        if plain["backend"] == "nemo_rl":
+            section = plain["nemo_rl"]
+            print(f"# would run (inside the NeMo-RL container, on the Ray head): {command}")
+            print(f"#   -> NeMo-RL examples/run_grpo.py on {section['base_config']} + this config, loss "
+                  f"EntropyControlLossFn(input_type={section['input_type']}), selection on the {section['selection']}")
+        else:
+            print(f"# would run: {command}  (nemo_entropy.engine.run_local)")
+        return 0
+    if plain["backend"] == "local":
+        from .engine import run_local
+
+        result = run_local(cfg)
+        print(f"# done: {result}")
+        return 0
+    try:
+        return run_nemo_rl(plain, loss, args.config_name)
+    except NemoRLUnavailable as err:
+        print(f"nemo-entropy train: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:
+        print(f"nemo-entropy train: invalid config: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
