@@ -1,0 +1,188 @@
+"""Sampling, rewards, group-normalised advantages and the scoring pass (entropy + log-probs).
+
+Layout invariance starts here: a sample's randomness comes from its own generator seeded by
+``(seed, step, global sample index)`` (Gumbel-max sampling), never from a global RNG, so the rollout of a
+sample is the same whichever rank generates it and whatever else is in its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model import TinyPolicy, entropy_and_logprobs_fn
+from .task import EOS, PAD, AdditionTask, response_mask, stream_seed
+
+
+def gumbel_noise(sample_ids: list[int], *, seed: int, step: int, length: int, vocab_size: int) -> torch.Tensor:
+    """Per-sample Gumbel noise [len(sample_ids), length, vocab_size], each row from its own generator."""
+    rows = []
+    for sample_id in sample_ids:
+        gen = torch.Generator().manual_seed(stream_seed(seed, "sample", step, sample_id))
+        uniform = torch.rand(length, vocab_size, generator=gen).clamp_(1e-10, 1.0 - 1e-7)
+        rows.append(-torch.log(-torch.log(uniform)))
+    return torch.stack(rows) if rows else torch.empty(0, length, vocab_size)
+
+
+@torch.no_grad()
+def generate(
+    policy: TinyPolicy,
+    prompts: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    noise: torch.Tensor | None,
+) -> torch.Tensor:
+    """Responses [batch, max_new_tokens]: Gumbel-max sampling at ``temperature`` (greedy if ``noise`` is None).
+
+    After a sample emits EOS the rest of its row is PAD. No KV cache: sequences are a dozen tokens, and a
+    full forward keeps the arithmetic of every position identical to the scoring pass.
+    """
+    batch = prompts.shape[0]
+    responses = torch.full((batch, max_new_tokens), PAD, dtype=torch.long)
+    finished = torch.zeros(batch, dtype=torch.bool)
+    sequence = prompts
+    for t in range(max_new_tokens):
+        logits = policy.full_logits(policy.hidden_states(sequence)[:, -1]).float()
+        if noise is None:
+            token = logits.argmax(-1)
+        else:
+            token = (logits / temperature + noise[:, t]).argmax(-1)
+        token = torch.where(finished, torch.full_like(token, PAD), token)
+        responses[:, t] = token
+        finished |= token == EOS
+        sequence = torch.cat([sequence, token[:, None]], dim=1)
+    return responses
+
+
+def score(
+    policy: TinyPolicy, prompts: torch.Tensor, responses: torch.Tensor, *, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-vocabulary entropy and log-probs of the response tokens, both [batch, response_length].
+
+    Differentiable (the training forward uses it too). Logits are divided by the sampling temperature so
+    the log-probs are those of the distribution the tokens were drawn from.
+    """
+    inputs = torch.cat([prompts, responses[:, :-1]], dim=1)
+    hidden = policy.hidden_states(inputs)[:, prompts.shape[1] - 1 :]
+    shard = policy.logits_shard(hidden)
+    if temperature != 1.0:
+        shard = shard / temperature
+    fn = entropy_and_logprobs_fn()
+    return fn(shard, responses, groups=policy.tp_group, vocab_start=policy.vocab_start, vocab_size=policy.vocab_size)
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, *, normalize: bool = True, leave_one_out: bool = False
+) -> torch.Tensor:
+    """GRPO advantages per sample: reward minus the group baseline, divided by the group std if ``normalize``.
+
+    Groups are consecutive runs of ``group_size`` samples (one prompt's generations). Groups whose rewards
+    are all equal get advantage 0 (their std is 0 and nothing is divided by it).
+    """
+    grouped = rewards.double().view(-1, group_size)
+    if leave_one_out and group_size > 1:
+        baseline = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
+    else:
+        baseline = grouped.mean(1, keepdim=True)
+    advantages = grouped - baseline
+    if normalize and group_size > 1:
+        std = grouped.std(1, keepdim=True)
+        advantages = torch.where(std > 0, advantages / (std + 1e-6), advantages)
+    return advantages.view(-1).float()
+
+
+@dataclass
+class Rollout:
+    """One step's samples held by this rank (rows in global sample-index order).
+
+    Attributes:
+        sample_ids: global sample index of each row (prompt * generations + generation).
+        prompts, responses: token ids.
+        mask: valid response tokens (up to and including EOS).
+        rewards, advantages: per sample.
+        old_logprobs, entropy: per token, from the policy that generated the data.
+    """
+
+    sample_ids: torch.Tensor
+    prompts: torch.Tensor
+    responses: torch.Tensor
+    mask: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    old_logprobs: torch.Tensor
+    entropy: torch.Tensor
+
+
+def collect_rollout(
+    policy: TinyPolicy,
+    task: AdditionTask,
+    *,
+    sample_ids: list[int],
+    operands: torch.Tensor,
+    all_rewards_fn,
+    group_size: int,
+    seed: int,
+    step: int,
+    temperature: float,
+    normalize_rewards: bool,
+    leave_one_out: bool,
+    micro_batch_size: int,
+) -> Rollout:
+    """Generate, reward, and score this rank's samples of one GRPO step.
+
+    ``operands`` [len(sample_ids), 2] are the problems of this rank's rows. ``all_rewards_fn(local_rewards)``
+    returns the rewards of *every* sample of the step in global order (an all-gather over DP), because a
+    group's baseline needs all its members.
+    """
+    prompts = task.prompts(operands)
+    noise = gumbel_noise(sample_ids, seed=seed, step=step, length=task.max_response_length, vocab_size=policy.vocab_size)
+    responses = torch.cat(
+        [
+            generate(
+                policy,
+                prompts[i : i + micro_batch_size],
+                max_new_tokens=task.max_response_length,
+                temperature=temperature,
+                noise=noise[i : i + micro_batch_size],
+            )
+            for i in range(0, len(sample_ids), micro_batch_size)
+        ]
+    ) if sample_ids else torch.empty(0, task.max_response_length, dtype=torch.long)
+    rewards = task.rewards(operands, responses)
+    every_reward = all_rewards_fn(rewards)
+    advantages = group_advantages(every_reward, group_size, normalize=normalize_rewards, leave_one_out=leave_one_out)
+    ids = torch.tensor(sample_ids, dtype=torch.long)
+    with torch.no_grad():
+        parts = [
+            score(policy, prompts[i : i + micro_batch_size], responses[i : i + micro_batch_size], temperature=temperature)
+            for i in range(0, len(sample_ids), micro_batch_size)
+        ]
+    entropy = torch.cat([p[0] for p in parts])
+    old_logprobs = torch.cat([p[1] for p in parts])
+    return Rollout(
+        sample_ids=ids,
+        prompts=prompts,
+        responses=responses,
+        mask=response_mask(responses),
+        rewards=rewards,
+        advantages=advantages[ids],
+        old_logprobs=old_logprobs.float(),
+        entropy=entropy.float(),
+    )
+
+
+@torch.no_grad()
+def greedy_accuracy(policy: TinyPolicy, task: AdditionTask, operands: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+    """Exact-match rewards of greedy answers to ``operands`` (validation)."""
+    if operands.shape[0] == 0:
+        return torch.zeros(0)
+    prompts = task.prompts(operands)
+    responses = torch.cat(
+        [
+            generate(policy, prompts[i : i + micro_batch_size], max_new_tokens=task.max_response_length, temperature=1.0, noise=None)
+            for i in range(0, prompts.shape[0], micro_batch_size)
+        ]
+    )
+    return task.rewards(operands, responses)

@@ -1,0 +1,446 @@
+"""The GRPO loop of the local engine, with exactly the loss, selection and entropy code of the NeMo-RL path.
+
+One RL step: sample ``num_prompts_per_step`` problems (seeded by the step), ``num_generations_per_prompt``
+responses each, exact-match rewards, group-normalised advantages, the rollout policy's log-probs and
+full-vocabulary entropy; then ``samples / train_global_batch_size`` optimizer steps. Each optimizer step
+selects its Clip-Cov / KL-Cov tokens once over the whole mini-batch on every DP rank
+(:func:`nemo_entropy.selection.select_tokens`), then runs :func:`nemo_entropy.losses.policy_loss` per
+micro-batch with the mini-batch's global token count, sums the gradients over DP and clips them by the
+global norm.
+
+Layout invariance (1 process == DP x TP up to fp32 rounding): every sample is identified by its global
+index (prompt * generations + generation); its prompt, its sampling noise and its token uids derive from
+that index and the step, and each rank holds a fixed slice of every mini-batch. Sum-normalised losses
+summed over DP give the single-process gradient.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from nemo_entropy.config import loss_config
+from nemo_entropy.losses import policy_loss
+from nemo_entropy.parallel import (
+    ParallelGroups,
+    ProcessGroup,
+    all_gather_objects,
+    barrier,
+    group_all_reduce,
+    new_subgroups,
+    tp_all_reduce,
+    world_group,
+    world_rank_and_size,
+)
+from nemo_entropy.selection import covariance_scores, select_tokens
+
+from .checkpoint import latest_complete_checkpoint, load_checkpoint, save_checkpoint
+from .metrics import MetricsLog, entropy_summary, write_run_info
+from .model import TinyPolicy
+from .preemption import PreemptionWatcher
+from .rollout import Rollout, collect_rollout, greedy_accuracy
+from .settings import EngineSettings
+from .task import build_task, stream_seed
+from .warm_start import load_or_run_warm_start, warm_start_key
+
+
+class Preempted(Exception):
+    """Raised after the pre-emption checkpoint; the launcher turns it into exit code 3."""
+
+    def __init__(self, step: int):
+        super().__init__(f"pre-empted after step {step}")
+        self.step = step
+
+
+@dataclass(frozen=True)
+class Layout:
+    """This process's place in the DP x TP grid (ranks are TP-major: rank = dp_rank * tp_size + tp_rank)."""
+
+    rank: int
+    world_size: int
+    dp_rank: int
+    dp_size: int
+    tp_rank: int
+    tp_size: int
+    world_group: Optional[ProcessGroup]
+    dp_group: Optional[ProcessGroup]
+    tp_group: Optional[ProcessGroup]
+
+    @property
+    def groups(self) -> ParallelGroups:
+        return ParallelGroups.from_groups(token_group=self.dp_group, tp_group=self.tp_group)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"world_size": self.world_size, "dp_size": self.dp_size, "tp_size": self.tp_size}
+
+
+def build_layout(tp_size: int) -> Layout:
+    """Create the DP and TP groups of the current default group (one process: no groups)."""
+    rank, world = world_rank_and_size()
+    if world % tp_size:
+        raise ValueError(f"engine.tp_size={tp_size} must divide the number of processes {world}")
+    dp = world // tp_size
+    tp_group = dp_group = None
+    if world > 1:
+        tp_groups = new_subgroups([[d * tp_size + t for t in range(tp_size)] for d in range(dp)])
+        dp_groups = new_subgroups([[d * tp_size + t for d in range(dp)] for t in range(tp_size)])
+        tp_group = tp_groups[rank // tp_size] if tp_size > 1 else None
+        dp_group = dp_groups[rank % tp_size] if dp > 1 else None
+    return Layout(rank, world, rank // tp_size, dp, rank % tp_size, tp_size, world_group(), dp_group, tp_group)
+
+
+def _sum_metrics(into: dict[str, float], metrics: dict[str, float]) -> None:
+    for key, value in metrics.items():
+        if key.endswith("_min"):
+            into[key] = min(into.get(key, float("inf")), value)
+        elif key.endswith("_max"):
+            into[key] = max(into.get(key, float("-inf")), value)
+        else:
+            into[key] = into.get(key, 0.0) + value
+
+
+class GRPOTrainer:
+    """The local GRPO run of one process (all ranks construct one and call :meth:`run`)."""
+
+    def __init__(self, settings: EngineSettings, layout: Layout, *, after_step: Optional[Callable[[int], None]] = None):
+        self.s = settings
+        self.layout = layout
+        self.after_step = after_step
+        self.task = build_task(settings.task)
+        self.loss_cfg = loss_config(settings.loss_fn)
+        self.max_positions = self.task.prompt_length + self.task.max_response_length
+        self.policy = self._build_policy(layout.tp_group, layout.tp_rank, layout.tp_size)
+        self.optimizer = torch.optim.AdamW(
+            self.policy.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps,
+            weight_decay=settings.weight_decay,
+        )
+        self.step = 0
+        self.optimizer_step = 0
+        self.resumed_from: Optional[int] = None
+        self.warm_start_info: dict[str, Any] = {}
+        self.is_logger = layout.rank == 0
+        val_operands = self.task.sample_operands(settings.num_val_problems, stream_seed(settings.seed, "validation"))
+        self.val_operands = torch.tensor_split(val_operands, layout.dp_size)[layout.dp_rank]
+
+    # ------------------------------------------------------------------ set-up
+    def _build_policy(self, tp_group, tp_rank, tp_size) -> TinyPolicy:
+        return TinyPolicy(
+            self.s.model, vocab_size=self.task.vocab_size, max_positions=self.max_positions, seed=self.s.seed,
+            tp_group=tp_group, tp_rank=tp_rank, tp_size=tp_size,
+        )
+
+    def warm_start_path(self) -> str:
+        key = warm_start_key(self.s.model, self.s.task, self.s.warm_start, self.s.seed)
+        directory = self.s.warm_start.get("cache_dir") or (self.s.checkpoint_dir if self.s.checkpointing else self.s.log_dir)
+        return os.path.join(str(directory), f"warm_start_{key}.pt")
+
+    def initialise(self) -> None:
+        """Resume from the newest complete checkpoint, or warm-start (rank 0 trains, everyone loads)."""
+        latest = latest_complete_checkpoint(self.s.checkpoint_dir) if self.s.checkpointing else None
+        if latest is not None:
+            step, path = latest
+            state = load_checkpoint(path, rank=self.layout.rank, layout=self.layout.as_dict())
+            self.policy.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"]["torch"])
+            self.step, self.optimizer_step = state["step"], state["optimizer_step"]
+            self.warm_start_info = state.get("warm_start", {})
+            self.resumed_from = step
+            if self.is_logger:
+                print(f"[nemo-entropy] resumed from step {step} ({path})", flush=True)
+            return
+        path = self.warm_start_path()
+        if self.is_logger:
+            blob = load_or_run_warm_start(
+                path, lambda: self._build_policy(None, 0, 1), self.task, self.s.warm_start,
+                seed=self.s.seed, show_progress=self.s.progress_bar,
+            )
+            self.warm_start_info = {"steps": len(blob["losses"]), "final_loss": blob["losses"][-1] if blob["losses"] else None,
+                                    "seconds": round(blob["seconds"], 2), "cached": blob["cached"], "path": path}
+        barrier(self.layout.world_group)
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        self.policy.load_full_state_dict(blob["state"])
+        torch.manual_seed(stream_seed(self.s.seed, "torch"))
+
+    # ------------------------------------------------------------------ one RL step
+    def local_sample_ids(self) -> list[int]:
+        """Global indices of this rank's samples: its slice of every mini-batch, mini-batches in order."""
+        gbs, dp = self.s.train_global_batch_size, self.layout.dp_size
+        per_rank = gbs // dp
+        return [
+            j * gbs + self.layout.dp_rank * per_rank + i
+            for j in range(self.s.optimizer_steps_per_rollout)
+            for i in range(per_rank)
+        ]
+
+    def _gather_dp(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.layout.groups.token_all_gather(tensor)
+
+    def rollout(self, step: int) -> Rollout:
+        operands = self.task.sample_operands(self.s.num_prompts_per_step, stream_seed(self.s.seed, "train", step))
+        operands = operands.repeat_interleave(self.s.num_generations_per_prompt, dim=0)
+        ids = self.local_sample_ids()
+        all_ids = self._gather_dp(torch.tensor(ids, dtype=torch.long))
+
+        def every_reward(local: torch.Tensor) -> torch.Tensor:
+            out = torch.empty(self.s.samples_per_step)
+            out[all_ids] = self._gather_dp(local)
+            return out
+
+        return collect_rollout(
+            self.policy, self.task, sample_ids=ids, operands=operands[ids], all_rewards_fn=every_reward,
+            group_size=self.s.num_generations_per_prompt, seed=self.s.seed, step=step,
+            temperature=self.s.temperature, normalize_rewards=self.s.normalize_rewards,
+            leave_one_out=self.s.leave_one_out_baseline, micro_batch_size=self.s.generation_batch_size,
+        )
+
+    def _all_reduce_grads(self) -> float:
+        """Sum gradients over DP, clip by the global norm; returns the norm before clipping."""
+        params = [p for p in self.policy.parameters()]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.layout.dp_group is not None:
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            group_all_reduce(flat, self.layout.dp_group, "sum")
+            offset = 0
+            for p in params:
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+        replicated = sum(float(p.grad.double().pow(2).sum()) for p in self.policy.replicated_parameters())
+        sharded = torch.tensor([sum(float(p.grad.double().pow(2).sum()) for p in self.policy.sharded_parameters())],
+                               dtype=torch.float64)
+        tp_all_reduce(self.layout.tp_group, sharded, "sum")
+        norm = (replicated + float(sharded)) ** 0.5
+        if self.s.max_grad_norm is not None:
+            coef = self.s.max_grad_norm / (norm + 1e-6)
+            if coef < 1.0:
+                for p in params:
+                    p.grad.mul_(coef)
+        return norm
+
+    def train_on(self, rollout: Rollout) -> dict[str, float]:
+        """The optimizer steps of one rollout; returns loss metrics averaged over optimizer steps."""
+        cfg, groups = self.loss_cfg, self.layout.groups
+        per_rank = self.s.train_global_batch_size // self.layout.dp_size
+        length = rollout.responses.shape[1]
+        totals: dict[str, float] = {}
+        grad_norms = []
+        selected_counts = []
+        for j in range(self.s.optimizer_steps_per_rollout):
+            rows = slice(j * per_rank, (j + 1) * per_rank)
+            old = rollout.old_logprobs[rows]
+            mask = rollout.mask[rows]
+            adv = rollout.advantages[rows, None].expand(-1, length).contiguous()
+            uids = rollout.sample_ids[rows, None] * length + torch.arange(length)
+            if cfg.method != "ppo" and cfg.scope == "batch":
+                selected = select_tokens(cfg, old, adv, mask, token_uids=uids, step=self.optimizer_step, groups=groups)
+            else:
+                selected = None
+            scores = covariance_scores(old, adv, mask, groups=groups, form=cfg.cov_form)
+            local_counts = torch.stack([
+                mask.sum(), mask.any(-1).sum(), (selected & mask).sum() if selected is not None else torch.tensor(0),
+            ]).to(torch.float64)
+            counts = groups.token_all_reduce_sum(local_counts)
+            gvt, gvs, gsel = (counts[i].float() for i in range(3))
+            self.optimizer.zero_grad(set_to_none=True)
+            step_metrics: dict[str, float] = {}
+            for start in range(0, per_rank, self.s.train_micro_batch_size):
+                mb = slice(j * per_rank + start, j * per_rank + min(per_rank, start + self.s.train_micro_batch_size))
+                local = slice(start, min(per_rank, start + self.s.train_micro_batch_size))
+                _, logprobs = self._score(rollout.prompts[mb], rollout.responses[mb])
+                loss, metrics = policy_loss(
+                    cfg, logprobs, old[local], adv[local], mask[local],
+                    selected=None if selected is None else selected[local], scores=scores[local],
+                    global_valid_tokens=gvt, global_valid_seqs=gvs,
+                    # ppo selects nothing; scope=microbatch selects per call and counts inside the loss.
+                    global_selected_tokens=gsel if selected is not None or cfg.method == "ppo" else None,
+                    groups=groups, token_uids=uids[local], step=self.optimizer_step,
+                )
+                loss.backward()
+                _sum_metrics(step_metrics, metrics)
+            grad_norms.append(self._all_reduce_grads())
+            self.optimizer.step()
+            self.optimizer_step += 1
+            step_metrics = self._reduce_over_dp(step_metrics)
+            step_metrics.pop("num_valid_tokens", None)
+            selected_counts.append(float(gsel) if selected is not None else step_metrics.get("selected_fraction", 0.0) * float(gvt))
+            for key, value in step_metrics.items():
+                if key.endswith("_min"):
+                    totals[key] = min(totals.get(key, float("inf")), value)
+                elif key.endswith("_max"):
+                    totals[key] = max(totals.get(key, float("-inf")), value)
+                else:
+                    totals[key] = totals.get(key, 0.0) + value / self.s.optimizer_steps_per_rollout
+        totals["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        totals["selected_tokens"] = sum(selected_counts)
+        totals["optimizer_steps"] = float(self.s.optimizer_steps_per_rollout)
+        return totals
+
+    def _score(self, prompts, responses):
+        from .rollout import score
+
+        return score(self.policy, prompts, responses, temperature=self.s.temperature)
+
+    def _reduce_over_dp(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.layout.dp_group is None:
+            return metrics
+        keys = sorted(metrics)
+        out = {}
+        for kind in ("sum", "min", "max"):
+            chosen = [k for k in keys if (k.endswith("_" + kind) if kind != "sum" else not k.endswith(("_min", "_max")))]
+            if not chosen:
+                continue
+            values = torch.tensor([metrics[k] for k in chosen], dtype=torch.float64)
+            group_all_reduce(values, self.layout.dp_group, kind)
+            out.update(zip(chosen, values.tolist()))
+        return out
+
+    def rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
+        rewards = self._gather_dp(rollout.rewards)
+        entropy = self._gather_dp(rollout.entropy)
+        mask = self._gather_dp(rollout.mask)
+        lengths = mask.sum(1).double()
+        grouped = rewards.view(-1, self.s.num_generations_per_prompt)
+        uniform = (grouped == grouped[:, :1]).all(1).double().mean()
+        truncated = ~(self._gather_dp(rollout.responses) == 2).any(1)
+        out = {
+            "reward_mean": float(rewards.double().mean()),
+            "zero_advantage_group_fraction": float(uniform),
+            "response_length_mean": float(lengths.mean()),
+            "truncated_fraction": float(truncated.double().mean()),
+        }
+        out.update(entropy_summary(entropy, mask))
+        return out
+
+    def validate(self) -> float:
+        correct = greedy_accuracy(self.policy, self.task, self.val_operands, self.s.generation_batch_size)
+        total = torch.tensor([float(correct.sum()), float(correct.numel())], dtype=torch.float64)
+        group_all_reduce(total, self.layout.dp_group, "sum")
+        return float(total[0] / total[1])
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "model": self.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state()},
+            "step": self.step,
+            "optimizer_step": self.optimizer_step,
+            # Prompts and sampling noise are pure functions of (seed, step, index): the data position is the step.
+            "data_position": {"next_step": self.step + 1},
+            # The losses of this package are stateless functions of the batch; a stateful entropy
+            # controller would store its state here.
+            "controller": {},
+            "warm_start": self.warm_start_info,
+            "loss_fn": self.loss_cfg.to_dict(),
+        }
+
+    def save(self) -> str:
+        return save_checkpoint(
+            self.s.checkpoint_dir, self.step, self.checkpoint_state(), rank=self.layout.rank,
+            layout=self.layout.as_dict(), world_group=self.layout.world_group, keep=self.s.keep_checkpoints,
+        )
+
+    # ------------------------------------------------------------------ the run
+    def write_run_info(self) -> None:
+        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        ranks = all_gather_objects({"rank": self.layout.rank, "node": node, "pid": os.getpid(),
+                                    "dp_rank": self.layout.dp_rank, "tp_rank": self.layout.tp_rank},
+                                   self.layout.world_group)
+        if self.is_logger:
+            write_run_info(self.s.log_dir, {
+                **self.layout.as_dict(), "python": platform.python_version(), "torch": torch.__version__,
+                "loss_fn": self.loss_cfg.to_dict(), "resumed_from": self.resumed_from,
+                "warm_start": self.warm_start_info,
+            }, ranks)
+
+    def run(self) -> dict[str, Any]:
+        """Train until ``grpo.max_num_steps``; returns the final metrics and where the outputs are."""
+        started = time.perf_counter()
+        self.initialise()
+        self.write_run_info()
+        log = MetricsLog(self.s.log_dir, enabled=self.is_logger, tensorboard=self.s.tensorboard,
+                         resume_step=self.resumed_from)
+        bar = None
+        if self.is_logger and self.s.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.s.max_num_steps, initial=self.step, desc=f"GRPO [{self.loss_cfg.method}]",
+                       unit="step", dynamic_ncols=True)
+        last: dict[str, Any] = {}
+        last_val: Optional[float] = None
+        try:
+            with PreemptionWatcher(self.s.checkpoint_dir) as watcher:
+                if self.step == 0 and self.s.val_at_start:
+                    last_val = self.validate()
+                    log.write(0, {"val_accuracy": last_val, "warm_start_loss": self.warm_start_info.get("final_loss")})
+                while self.step < self.s.max_num_steps:
+                    step = self.step + 1
+                    t0 = time.perf_counter()
+                    rollout = self.rollout(step)
+                    t1 = time.perf_counter()
+                    metrics = self.rollout_metrics(rollout)
+                    metrics.update(self.train_on(rollout))
+                    t2 = time.perf_counter()
+                    self.step = step
+                    if (self.s.val_period > 0 and step % self.s.val_period == 0) or (
+                        self.s.val_at_end and step == self.s.max_num_steps
+                    ):
+                        last_val = self.validate()
+                        metrics["val_accuracy"] = last_val
+                    t3 = time.perf_counter()
+                    metrics.update({"lr": self.s.lr, "rollout_time": t1 - t0, "train_time": t2 - t1,
+                                    "val_time": t3 - t2, "step_time": t3 - t0})
+                    log.write(step, metrics)
+                    last = {"step": step, **metrics}
+                    saved = False
+                    if self.s.checkpointing and (step % self.s.save_period == 0 or step == self.s.max_num_steps):
+                        self.save()
+                        saved = True
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
+                                        val=f"{last_val:.3f}" if last_val is not None else "-",
+                                        H=f"{metrics['entropy_mean']:.3f}", refresh=False)
+                    if self.after_step is not None:
+                        self.after_step(step)
+                    if watcher.requested(self.layout.world_group):
+                        if not saved:
+                            if not self.s.checkpointing:
+                                raise RuntimeError("pre-emption requested but checkpointing.enabled is false")
+                            self.save()
+                        if self.is_logger:
+                            watcher.clear()
+                            print(f"[nemo-entropy] pre-empted: checkpoint of step {step} saved, exiting for requeue",
+                                  flush=True)
+                        raise Preempted(step)
+        finally:
+            if bar is not None:
+                bar.close()
+            log.close()
+        plot_path = None
+        if self.is_logger and self.s.plot:
+            from .plot import plot_run
+
+            plot_path = plot_run(log.path, os.path.join(self.s.log_dir, "entropy_accuracy.png"),
+                                 title=f"local GRPO, loss_fn.method={self.loss_cfg.method}")
+        return {
+            "log_dir": os.path.abspath(self.s.log_dir),
+            "metrics_path": os.path.abspath(log.path),
+            "plot_path": os.path.abspath(plot_path) if plot_path else None,
+            "tensorboard_dir": os.path.abspath(os.path.join(self.s.log_dir, "tb")) if self.s.tensorboard else None,
+            "checkpoint_dir": os.path.abspath(self.s.checkpoint_dir) if self.s.checkpointing else None,
+            "steps": self.step,
+            "resumed_from": self.resumed_from,
+            "final": last,
+            "val_accuracy": last_val,
+            "seconds": time.perf_counter() - started,
+            "layout": self.layout.as_dict(),
+        }
