@@ -121,7 +121,7 @@ class BatchSelectionPolicy:
         """Attach the selection of every optimizer step of ``data``, then call the policy's ``train``."""
         eval_mode = kwargs.get("eval_mode", args[0] if args else False)
         gbs = kwargs.get("gbs") or (args[1] if len(args) > 1 and args[1] else self._gbs)
-        if self._config.method != "ppo" and not eval_mode:
+        if not eval_mode:  # also for ppo: the scores give exact covariance diagnostics of the baseline
             steps = attach_batch_selection(data, self._config, train_global_batch_size=int(gbs),
                                            first_step=self.optimizer_step, attach_mask=self._mode == "driver")
             self.optimizer_step += steps

@@ -48,6 +48,8 @@ from . import batch_keys
 
 __all__ = ["EntropyControlLossFn", "nemo_rl_enums", "loss_config_from_nemo_rl"]
 
+NEMO_RL_DEFAULT_KL_PENALTY = 0.01  # ClippedPGLossConfig.reference_policy_kl_penalty
+
 
 # ----------------------------------------------------------------------------------------------- enums
 class _LossType(enum.Enum):
@@ -110,9 +112,13 @@ def _plain_mapping(cfg: Any) -> dict[str, Any]:
 def loss_config_from_nemo_rl(cfg: Any) -> LossConfig:
     """Validate NeMo-RL's ``loss_fn`` section (with our keys) into a :class:`LossConfig`.
 
+    Keys left out take NeMo-RL's defaults (``reference_policy_kl_penalty`` 0.01, not LossConfig's 0.0).
     ``truncated_importance_sampling_ratio`` without a type means ``tis`` (NeMo-RL <= v0.5 had no type key).
     """
     values = _plain_mapping(cfg)
+    # The adapter *is* NeMo-RL's loss: a key the section leaves out takes NeMo-RL's default, which differs
+    # from LossConfig's (0.0, the paper's recipes) only here.
+    values.setdefault("reference_policy_kl_penalty", NEMO_RL_DEFAULT_KL_PENALTY)
     if values.get("truncated_importance_sampling_ratio") is not None and \
             values.get("truncated_importance_sampling_type") is None:
         values["truncated_importance_sampling_type"] = "tis"
@@ -351,8 +357,9 @@ class EntropyControlLossFn:
 
     def _attached_selection(self, data, mask):
         """``(selected, scores, uids, step, step_selected)`` from the driver, or None when not attached."""
-        if batch_keys.SELECTED not in data or self.config.method == "ppo" or self.config.scope != "batch":
+        if batch_keys.SELECTED not in data or self.config.scope != "batch":
             return None
+        # For ppo the mask is all False; the attached scores still give exact covariance diagnostics.
         selected = (data[batch_keys.SELECTED][:, 1:] != 0).to(mask.device) & mask
         scores = data[batch_keys.COV_SCORES][:, 1:].float() if batch_keys.COV_SCORES in data else None
         uids = data[batch_keys.TOKEN_UIDS][:, 1:].to(torch.int64) if batch_keys.TOKEN_UIDS in data else None
