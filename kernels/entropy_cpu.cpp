@@ -3,7 +3,7 @@
 // Forward: one read of each row of the logits shard, producing the per-row partial statistics that the
 // Python autograd Function all-reduces over the TP group (see nemo_entropy/entropy/vocab_parallel.py).
 // Backward: one read of each row and one write of its gradient, recomputing p from the saved per-row
-// (lse, H); nothing of size N x V is ever stored in fp32.
+// (global max, log S, H); nothing of size N x V is ever stored in fp32.
 //
 // Rows are split across at::get_num_threads() std::threads (not at::parallel_for: its inline OpenMP
 // implementation would tie the extension to the OpenMP runtime torch was built with). Inside a row, columns are processed in blocks of
@@ -76,12 +76,12 @@ RowStats row_stats_chunked(const scalar_t* z, int64_t valid_width, int64_t chunk
 
 template <typename scalar_t>
 void row_grad(const scalar_t* z, scalar_t* grad, int64_t valid_width, int64_t total_width, int64_t target,
-              float lse, float entropy, float g_entropy, float g_logprob) {
+              float row_max, float log_sum, float entropy, float g_entropy, float g_logprob) {
   alignas(64) float buf[kBlock];
   for (int64_t start = 0; start < valid_width; start += kBlock) {
     const int64_t n = std::min(kBlock, valid_width - start);
     for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(z[start + i]);
-    for (int64_t i = 0; i < n; ++i) buf[i] = nemo_entropy::logit_grad(buf[i], lse, entropy, g_entropy, g_logprob);
+    for (int64_t i = 0; i < n; ++i) buf[i] = nemo_entropy::logit_grad(buf[i], row_max, log_sum, entropy, g_entropy, g_logprob);
     for (int64_t i = 0; i < n; ++i) grad[start + i] = static_cast<scalar_t>(buf[i]);
   }
   // Padded vocabulary entries are not part of the distribution: zero gradient.
@@ -89,7 +89,7 @@ void row_grad(const scalar_t* z, scalar_t* grad, int64_t valid_width, int64_t to
   if (target >= 0 && target < valid_width) {
     // Recomputed in fp32 and rounded once (adding to the rounded value would round twice).
     const float zt = static_cast<float>(z[target]);
-    grad[target] = static_cast<scalar_t>(nemo_entropy::logit_grad(zt, lse, entropy, g_entropy, g_logprob) + g_logprob);
+    grad[target] = static_cast<scalar_t>(nemo_entropy::logit_grad(zt, row_max, log_sum, entropy, g_entropy, g_logprob) + g_logprob);
   }
 }
 
@@ -169,11 +169,12 @@ std::vector<at::Tensor> shard_stats(const at::Tensor& logits, const at::Tensor& 
 // Gradient of sum_r (grad_logprobs[r] * logp[r] + grad_entropy[r] * H[r]) with respect to the shard,
 // in the dtype of the logits.
 at::Tensor shard_grad(const at::Tensor& logits, const at::Tensor& local_targets, int64_t valid_width,
-                      const at::Tensor& lse, const at::Tensor& entropy, const at::Tensor& grad_entropy,
-                      const at::Tensor& grad_logprobs) {
+                      const at::Tensor& row_max, const at::Tensor& log_sum, const at::Tensor& entropy,
+                      const at::Tensor& grad_entropy, const at::Tensor& grad_logprobs) {
   check_inputs("shard_grad", logits, local_targets, valid_width);
   const int64_t rows = logits.size(0), width = logits.size(1);
-  check_row_vector("shard_grad", "lse", lse, rows);
+  check_row_vector("shard_grad", "row_max", row_max, rows);
+  check_row_vector("shard_grad", "log_sum", log_sum, rows);
   check_row_vector("shard_grad", "entropy", entropy, rows);
   check_row_vector("shard_grad", "grad_entropy", grad_entropy, rows);
   check_row_vector("shard_grad", "grad_logprobs", grad_logprobs, rows);
@@ -183,11 +184,11 @@ at::Tensor shard_grad(const at::Tensor& logits, const at::Tensor& local_targets,
     scalar_t* gbase = grad.data_ptr<scalar_t>();
     const int64_t stride = logits.stride(0);
     const int64_t* targets = local_targets.data_ptr<int64_t>();
-    const float *l = lse.data_ptr<float>(), *h = entropy.data_ptr<float>();
+    const float *mx = row_max.data_ptr<float>(), *ls = log_sum.data_ptr<float>(), *h = entropy.data_ptr<float>();
     const float *gh = grad_entropy.data_ptr<float>(), *gl = grad_logprobs.data_ptr<float>();
     parallel_rows(rows, width, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
-        row_grad(base + r * stride, gbase + r * width, valid_width, width, targets[r], l[r], h[r], gh[r], gl[r]);
+        row_grad(base + r * stride, gbase + r * width, valid_width, width, targets[r], mx[r], ls[r], h[r], gh[r], gl[r]);
     });
   });
   return grad;
@@ -200,6 +201,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("shard_stats", &shard_stats, "per-row partial softmax statistics of a logits shard", pybind11::arg("logits"),
         pybind11::arg("local_targets"), pybind11::arg("valid_width"), pybind11::arg("chunk") = 0);
   m.def("shard_grad", &shard_grad, "gradient of a logits shard from the saved per-row statistics",
-        pybind11::arg("logits"), pybind11::arg("local_targets"), pybind11::arg("valid_width"), pybind11::arg("lse"),
-        pybind11::arg("entropy"), pybind11::arg("grad_entropy"), pybind11::arg("grad_logprobs"));
+        pybind11::arg("logits"), pybind11::arg("local_targets"), pybind11::arg("valid_width"), pybind11::arg("row_max"),
+        pybind11::arg("log_sum"), pybind11::arg("entropy"), pybind11::arg("grad_entropy"), pybind11::arg("grad_logprobs"));
 }

@@ -7,7 +7,7 @@
 // shared per-row code of entropy_row.h (accumulate_chunk: one rescale per vector that raises the max, one
 // exp per logit); the block then merges the per-thread summaries with merge_row_stats (warp shuffles,
 // then shared memory). The forward reads the shard once and writes 4 floats per row; the backward reads
-// it once, writes the gradient once in the logits' dtype, and uses 4 floats per row of saved state.
+// it once, writes the gradient once in the logits' dtype, and uses 3 floats per row of saved state.
 // Nothing of size rows x V is ever materialised in fp32.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -106,24 +106,25 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__device__ __forceinline__ float grad_at(float z, int64_t col, int64_t valid_width, int64_t target, float lse,
-                                         float entropy, float g_entropy, float g_logprob) {
+__device__ __forceinline__ float grad_at(float z, int64_t col, int64_t valid_width, int64_t target, float row_max,
+                                         float log_sum, float entropy, float g_entropy, float g_logprob) {
   if (col >= valid_width) return 0.0f;  // padded vocabulary entry
-  const float g = logit_grad(z, lse, entropy, g_entropy, g_logprob);
+  const float g = logit_grad(z, row_max, log_sum, entropy, g_entropy, g_logprob);
   return col == target ? g + g_logprob : g;
 }
 
 template <typename T, int kThreads, bool kVectorized>
 __global__ void __launch_bounds__(kThreads)
     shard_grad_kernel(const T* __restrict__ logits, int64_t row_stride, T* __restrict__ grad, int64_t valid_width,
-                      int64_t total_width, const int64_t* __restrict__ local_targets, const float* __restrict__ lse_in,
+                      int64_t total_width, const int64_t* __restrict__ local_targets, const float* __restrict__ max_in,
+                      const float* __restrict__ log_sum_in,
                       const float* __restrict__ entropy_in, const float* __restrict__ grad_entropy_in,
                       const float* __restrict__ grad_logprobs_in) {
   const int64_t row = blockIdx.x;
   const T* z = logits + row * row_stride;
   T* g = grad + row * total_width;
   const int64_t target = local_targets[row];
-  const float lse = lse_in[row], entropy = entropy_in[row];
+  const float row_max = max_in[row], log_sum = log_sum_in[row], entropy = entropy_in[row];
   const float g_entropy = grad_entropy_in[row], g_logprob = grad_logprobs_in[row];
   int64_t scalar_from = 0;
   if (kVectorized) {
@@ -138,7 +139,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int k = 0; k < K; ++k) {
         const int64_t col = i * K + k;
         out.v[k] = from_float<T>(
-            grad_at(to_float(chunk.v[k]), col, valid_width, target, lse, entropy, g_entropy, g_logprob));
+            grad_at(to_float(chunk.v[k]), col, valid_width, target, row_max, log_sum, entropy, g_entropy, g_logprob));
       }
       gv[i] = out;
     }
@@ -146,7 +147,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   for (int64_t col = scalar_from + threadIdx.x; col < total_width; col += kThreads) {
     const float zf = col < valid_width ? to_float(z[col]) : 0.0f;
-    g[col] = from_float<T>(grad_at(zf, col, valid_width, target, lse, entropy, g_entropy, g_logprob));
+    g[col] = from_float<T>(grad_at(zf, col, valid_width, target, row_max, log_sum, entropy, g_entropy, g_logprob));
   }
 }
 
@@ -173,15 +174,16 @@ cudaError_t launch_stats_t(const T* logits, int64_t row_stride, int64_t rows, in
 
 template <typename T, int kThreads>
 cudaError_t launch_grad_t(const T* logits, int64_t row_stride, T* grad, int64_t rows, int64_t valid_width,
-                          int64_t total_width, const int64_t* local_targets, const float* lse, const float* entropy,
+                          int64_t total_width, const int64_t* local_targets, const float* row_max, const float* log_sum,
+                          const float* entropy,
                           const float* grad_entropy, const float* grad_logprobs, cudaStream_t stream) {
   const int64_t elem = sizeof(T);
   if (aligned16(logits, row_stride * elem) && aligned16(grad, total_width * elem)) {
     shard_grad_kernel<T, kThreads, true><<<rows, kThreads, 0, stream>>>(
-        logits, row_stride, grad, valid_width, total_width, local_targets, lse, entropy, grad_entropy, grad_logprobs);
+        logits, row_stride, grad, valid_width, total_width, local_targets, row_max, log_sum, entropy, grad_entropy, grad_logprobs);
   } else {
     shard_grad_kernel<T, kThreads, false><<<rows, kThreads, 0, stream>>>(
-        logits, row_stride, grad, valid_width, total_width, local_targets, lse, entropy, grad_entropy, grad_logprobs);
+        logits, row_stride, grad, valid_width, total_width, local_targets, row_max, log_sum, entropy, grad_entropy, grad_logprobs);
   }
   return cudaGetLastError();
 }
@@ -206,19 +208,20 @@ cudaError_t launch_stats(const void* logits, int64_t row_stride, int64_t rows, i
 
 template <typename T>
 cudaError_t launch_grad(const void* logits, int64_t row_stride, void* grad, int64_t rows, int64_t valid_width,
-                        int64_t total_width, const int64_t* local_targets, const float* lse, const float* entropy,
+                        int64_t total_width, const int64_t* local_targets, const float* row_max, const float* log_sum,
+                          const float* entropy,
                         const float* grad_entropy, const float* grad_logprobs, cudaStream_t stream) {
   const T* z = static_cast<const T*>(logits);
   T* g = static_cast<T*>(grad);
   switch (threads_for(total_width)) {
     case 512:
-      return launch_grad_t<T, 512>(z, row_stride, g, rows, valid_width, total_width, local_targets, lse, entropy,
+      return launch_grad_t<T, 512>(z, row_stride, g, rows, valid_width, total_width, local_targets, row_max, log_sum, entropy,
                                    grad_entropy, grad_logprobs, stream);
     case 256:
-      return launch_grad_t<T, 256>(z, row_stride, g, rows, valid_width, total_width, local_targets, lse, entropy,
+      return launch_grad_t<T, 256>(z, row_stride, g, rows, valid_width, total_width, local_targets, row_max, log_sum, entropy,
                                    grad_entropy, grad_logprobs, stream);
     default:
-      return launch_grad_t<T, 128>(z, row_stride, g, rows, valid_width, total_width, local_targets, lse, entropy,
+      return launch_grad_t<T, 128>(z, row_stride, g, rows, valid_width, total_width, local_targets, row_max, log_sum, entropy,
                                    grad_entropy, grad_logprobs, stream);
   }
 }
@@ -247,19 +250,19 @@ cudaError_t launch_shard_stats(int dtype, const void* logits, int64_t row_stride
 }
 
 cudaError_t launch_shard_grad(int dtype, const void* logits, int64_t row_stride, void* grad, int64_t rows,
-                              int64_t valid_width, int64_t total_width, const int64_t* local_targets, const float* lse,
-                              const float* entropy, const float* grad_entropy, const float* grad_logprobs,
+                              int64_t valid_width, int64_t total_width, const int64_t* local_targets, const float* row_max,
+                              const float* log_sum, const float* entropy, const float* grad_entropy, const float* grad_logprobs,
                               cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   switch (dtype) {
     case 0:
-      return launch_grad<float>(logits, row_stride, grad, rows, valid_width, total_width, local_targets, lse, entropy,
+      return launch_grad<float>(logits, row_stride, grad, rows, valid_width, total_width, local_targets, row_max, log_sum, entropy,
                                 grad_entropy, grad_logprobs, stream);
     case 1:
-      return launch_grad<__half>(logits, row_stride, grad, rows, valid_width, total_width, local_targets, lse,
+      return launch_grad<__half>(logits, row_stride, grad, rows, valid_width, total_width, local_targets, row_max, log_sum,
                                  entropy, grad_entropy, grad_logprobs, stream);
     case 2:
-      return launch_grad<__nv_bfloat16>(logits, row_stride, grad, rows, valid_width, total_width, local_targets, lse,
+      return launch_grad<__nv_bfloat16>(logits, row_stride, grad, rows, valid_width, total_width, local_targets, row_max, log_sum,
                                         entropy, grad_entropy, grad_logprobs, stream);
     default:
       return cudaErrorInvalidValue;

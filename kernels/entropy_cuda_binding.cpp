@@ -14,8 +14,8 @@ cudaError_t launch_shard_stats(int dtype, const void* logits, int64_t row_stride
                                const int64_t* local_targets, float* out_max, float* out_sum_exp, float* out_sum_shifted,
                                float* out_target_logit, cudaStream_t stream);
 cudaError_t launch_shard_grad(int dtype, const void* logits, int64_t row_stride, void* grad, int64_t rows,
-                              int64_t valid_width, int64_t total_width, const int64_t* local_targets, const float* lse,
-                              const float* entropy, const float* grad_entropy, const float* grad_logprobs,
+                              int64_t valid_width, int64_t total_width, const int64_t* local_targets,
+                              const float* row_max, const float* log_sum, const float* entropy, const float* grad_entropy, const float* grad_logprobs,
                               cudaStream_t stream);
 }  // namespace nemo_entropy
 
@@ -72,10 +72,11 @@ std::vector<at::Tensor> shard_stats(const at::Tensor& logits, const at::Tensor& 
 }
 
 at::Tensor shard_grad(const at::Tensor& logits, const at::Tensor& local_targets, int64_t valid_width,
-                      const at::Tensor& lse, const at::Tensor& entropy, const at::Tensor& grad_entropy,
-                      const at::Tensor& grad_logprobs) {
+                      const at::Tensor& row_max, const at::Tensor& log_sum, const at::Tensor& entropy,
+                      const at::Tensor& grad_entropy, const at::Tensor& grad_logprobs) {
   check_inputs("shard_grad", logits, local_targets, valid_width);
-  check_row_vector("shard_grad", "lse", lse, logits);
+  check_row_vector("shard_grad", "row_max", row_max, logits);
+  check_row_vector("shard_grad", "log_sum", log_sum, logits);
   check_row_vector("shard_grad", "entropy", entropy, logits);
   check_row_vector("shard_grad", "grad_entropy", grad_entropy, logits);
   check_row_vector("shard_grad", "grad_logprobs", grad_logprobs, logits);
@@ -83,8 +84,8 @@ at::Tensor shard_grad(const at::Tensor& logits, const at::Tensor& local_targets,
   at::Tensor grad = at::empty({logits.size(0), logits.size(1)}, logits.options());
   const cudaError_t err = nemo_entropy::launch_shard_grad(
       dtype_code(logits, "shard_grad"), logits.data_ptr(), logits.stride(0), grad.data_ptr(), logits.size(0),
-      valid_width, logits.size(1), local_targets.data_ptr<int64_t>(), lse.data_ptr<float>(),
-      entropy.data_ptr<float>(), grad_entropy.data_ptr<float>(), grad_logprobs.data_ptr<float>(),
+      valid_width, logits.size(1), local_targets.data_ptr<int64_t>(), row_max.data_ptr<float>(),
+      log_sum.data_ptr<float>(), entropy.data_ptr<float>(), grad_entropy.data_ptr<float>(), grad_logprobs.data_ptr<float>(),
       c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "shard_grad: kernel launch failed: ", cudaGetErrorString(err));
   return grad;
@@ -97,6 +98,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("shard_stats", &shard_stats, "per-row partial softmax statistics of a logits shard", pybind11::arg("logits"),
         pybind11::arg("local_targets"), pybind11::arg("valid_width"));
   m.def("shard_grad", &shard_grad, "gradient of a logits shard from the saved per-row statistics",
-        pybind11::arg("logits"), pybind11::arg("local_targets"), pybind11::arg("valid_width"), pybind11::arg("lse"),
-        pybind11::arg("entropy"), pybind11::arg("grad_entropy"), pybind11::arg("grad_logprobs"));
+        pybind11::arg("logits"), pybind11::arg("local_targets"), pybind11::arg("valid_width"), pybind11::arg("row_max"),
+        pybind11::arg("log_sum"), pybind11::arg("entropy"), pybind11::arg("grad_entropy"), pybind11::arg("grad_logprobs"));
 }

@@ -2,7 +2,7 @@
 
 Both extensions expose the same two functions, with the contract of the reference backend:
 ``shard_stats(logits, local_targets, valid_width) -> [local_max, sum_exp, sum_exp_shifted, target_logit]``
-and ``shard_grad(logits, local_targets, valid_width, lse, entropy, grad_entropy, grad_logprobs)``.
+and ``shard_grad(logits, local_targets, valid_width, row_max, log_sum, entropy, grad_entropy, grad_logprobs)``.
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ class ExtensionBackend:
         """Per-row partial statistics of a ``[rows, V_local]`` shard (one read of the logits)."""
         return ShardStats(*self.module.shard_stats(logits, local_targets, int(valid_width)))
 
-    def shard_grad(self, logits, local_targets, valid_width, lse, entropy, grad_entropy, grad_logprobs) -> torch.Tensor:
+    def shard_grad(
+        self, logits, local_targets, valid_width, row_max, log_sum, entropy, grad_entropy, grad_logprobs
+    ) -> torch.Tensor:
         """Gradient of the shard in its dtype (one read of the logits, one write of the gradient)."""
         return self.module.shard_grad(
-            logits, local_targets, int(valid_width), lse.contiguous(), entropy.contiguous(), grad_entropy, grad_logprobs
+            logits, local_targets, int(valid_width), row_max.contiguous(), log_sum.contiguous(),
+            entropy.contiguous(), grad_entropy, grad_logprobs,
         )

@@ -35,7 +35,7 @@ class ReferenceBackend:
         """Per-row ``(local max, sum exp, sum exp * shift, target logit)`` of a ``[rows, V_local]`` shard."""
         rows = logits.shape[0]
         out = torch.empty(4, rows, dtype=torch.float32, device=logits.device)
-        in_shard = local_targets >= 0
+        in_shard = (local_targets >= 0) & (local_targets < valid_width)
         safe_targets = torch.where(in_shard, local_targets, torch.zeros_like(local_targets))
         if valid_width == 0:
             out[0].fill_(float("-inf"))
@@ -61,7 +61,8 @@ class ReferenceBackend:
         logits: torch.Tensor,
         local_targets: torch.Tensor,
         valid_width: int,
-        lse: torch.Tensor,
+        row_max: torch.Tensor,
+        log_sum: torch.Tensor,
         entropy: torch.Tensor,
         grad_entropy: torch.Tensor,
         grad_logprobs: torch.Tensor,
@@ -71,11 +72,11 @@ class ReferenceBackend:
         grad = torch.zeros_like(logits, memory_format=torch.contiguous_format)
         if valid_width == 0 or rows == 0:
             return grad
-        in_shard = local_targets >= 0
+        in_shard = (local_targets >= 0) & (local_targets < valid_width)
         safe_targets = torch.where(in_shard, local_targets, torch.zeros_like(local_targets))
         for r0, r1 in _row_blocks(rows, valid_width, self.chunk_elements):
             z = logits[r0:r1, :valid_width].float()
-            d = floor_shift(z - lse[r0:r1, None])
+            d = floor_shift((z - row_max[r0:r1, None]) - log_sum[r0:r1, None])
             p = exp_nonpositive(d)
             gl = grad_logprobs[r0:r1, None]
             g = -p * (gl + grad_entropy[r0:r1, None] * (d + entropy[r0:r1, None]))

@@ -7,7 +7,7 @@ imported only when the triton backend is requested, never by ``import nemo_entro
 Each program walks its row in blocks of ``BLOCK`` columns (masked loads, so any width works: the pitfall
 of fused kernels that assumed the vocabulary is a multiple of the block size), keeping the running
 ``(max, sum exp, sum exp * shift)`` of the row in fp32 registers. The backward recomputes ``p`` from
-the saved ``(lse, H)`` and writes the gradient in the logits' dtype.
+the saved ``(max, log S, H)`` and writes the gradient in the logits' dtype.
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def _shard_grad_kernel(
     targets_ptr,
     valid_width,
     total_width,
-    lse_ptr,
+    max_ptr,
+    log_sum_ptr,
     entropy_ptr,
     grad_entropy_ptr,
     grad_logprobs_ptr,
@@ -99,7 +100,8 @@ def _shard_grad_kernel(
     base = logits_ptr + row * row_stride
     out = grad_ptr + row * total_width
     target = tl.load(targets_ptr + row)
-    lse = tl.load(lse_ptr + row)
+    row_max = tl.load(max_ptr + row)
+    log_sum = tl.load(log_sum_ptr + row)
     entropy = tl.load(entropy_ptr + row)
     g_entropy = tl.load(grad_entropy_ptr + row)
     g_logprob = tl.load(grad_logprobs_ptr + row)
@@ -107,7 +109,7 @@ def _shard_grad_kernel(
         cols = start + tl.arange(0, BLOCK)
         valid = cols < valid_width
         z = tl.load(base + cols, mask=valid, other=float("-inf")).to(tl.float32)
-        d = _floor_shift(z - lse)
+        d = _floor_shift((z - row_max) - log_sum)
         p = _exp_nonpositive(d)
         p = tl.where(d != d, d, p)
         g = -p * (g_logprob + g_entropy * (d + entropy))
@@ -139,14 +141,16 @@ class TritonBackend:
             )
         return ShardStats(*out.unbind(0))
 
-    def shard_grad(self, logits, local_targets, valid_width, lse, entropy, grad_entropy, grad_logprobs) -> torch.Tensor:
+    def shard_grad(
+        self, logits, local_targets, valid_width, row_max, log_sum, entropy, grad_entropy, grad_logprobs
+    ) -> torch.Tensor:
         """Gradient of the shard in its dtype (one read of the logits, one write of the gradient)."""
         rows, width = logits.shape
         grad = torch.empty((rows, width), dtype=logits.dtype, device=logits.device)
         if rows:
             _shard_grad_kernel[(rows,)](
                 logits, logits.stride(0), grad, local_targets, int(valid_width), width,
-                lse.contiguous(), entropy.contiguous(), grad_entropy, grad_logprobs,
+                row_max.contiguous(), log_sum.contiguous(), entropy.contiguous(), grad_entropy, grad_logprobs,
                 BLOCK=self.block, num_warps=self.num_warps,
             )
         return grad

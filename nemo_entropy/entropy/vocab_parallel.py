@@ -15,12 +15,12 @@ autograd Function (:class:`VocabParallelEntropyAndLogprobs`), shared by every ba
    falls in this shard (else 0);
 2. all-reduce MAX of ``m_r`` -> global max ``M``; rescale ``S_r, T_r`` to ``M``;
 3. one all-reduce SUM of the stacked ``(S, T, target logit)``;
-4. ``lse = M + log S``, ``H = log S - T / S``, ``logp = z_target - lse``.
+4. ``H = log S - T / S``, ``logp = (z_target - M) - log S`` (that is ``z_target - lse``).
 
 Backward needs no collective: ``dlogp/dz_v = [v = target] - p_v`` and ``dH/dz_v = -p_v (z_v - E_p z)``
-depend only on the local logits and the saved per-row ``(lse, H)`` (``z_v - E_p z = z_v - lse + H``).
-Saved state is O(N): the logits shard itself (the caller's tensor, not a copy), the targets and two
-fp32 numbers per row. Entries at or past the true vocabulary size (Megatron pads the vocabulary to a
+depend only on the local logits and the saved per-row ``(M, log S, H)``, with
+``p_v = exp((z_v - M) - log S)`` and ``z_v - E_p z = (z_v - M) - log S + H``. Saved state is O(N): the
+logits shard itself (the caller's tensor, not a copy), the targets and three fp32 numbers per row. Entries at or past the true vocabulary size (Megatron pads the vocabulary to a
 multiple of the TP size) are excluded: they behave as -inf logits and get zero gradient.
 
 ``T`` is accumulated relative to the max (``z - m`` rather than ``z``) because ``H = lse - E[z]`` loses
@@ -103,14 +103,19 @@ class VocabParallelEntropyMath:
         return sum_exp, shifted
 
     @staticmethod
-    def entropy_logprobs_lse(
+    def entropy_logprobs(
         global_max: torch.Tensor, sum_exp: torch.Tensor, sum_exp_shifted: torch.Tensor, target_logit: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(H, logp, lse)`` per row from the global statistics (all at the global max)."""
+        """``(H, logp, log S)`` per row from the global statistics (all at the global max ``M``).
+
+        ``lse = M + log S`` is never formed: rounded to fp32 it would carry ``ulp(|M|)`` of absolute
+        error (5e-4 at ``|M| ~ 1e4``) into the log-prob and every ``p`` of the backward, whereas
+        ``(z_target - M) - log S`` is exact up to the rounding of ``log S``.
+        """
         log_sum = torch.log(sum_exp)
-        lse = global_max + log_sum
         entropy = log_sum - sum_exp_shifted / sum_exp
-        return entropy, target_logit - lse, lse
+        logprobs = (target_logit - global_max) - log_sum
+        return entropy, logprobs, log_sum
 
 
 class VocabParallelEntropyAndLogprobs(torch.autograd.Function):
@@ -126,20 +131,21 @@ class VocabParallelEntropyAndLogprobs(torch.autograd.Function):
         sums = torch.stack([sum_exp, shifted, stats.target_logit])
         tp_all_reduce(tp_group, sums, "sum")  # (2) TP all-reduce SUM of (S, T, target logit)
 
-        entropy, logprobs, lse = VocabParallelEntropyMath.entropy_logprobs_lse(global_max, *sums.unbind(0))
-        ctx.save_for_backward(logits, local_targets, lse, entropy)
+        entropy, logprobs, log_sum = VocabParallelEntropyMath.entropy_logprobs(global_max, *sums.unbind(0))
+        ctx.save_for_backward(logits, local_targets, global_max, log_sum, entropy)
         ctx.valid_width = valid_width
         ctx.backend = backend
         return entropy, logprobs
 
     @staticmethod
     def backward(ctx, grad_entropy, grad_logprobs):
-        logits, local_targets, lse, entropy = ctx.saved_tensors
+        logits, local_targets, global_max, log_sum, entropy = ctx.saved_tensors
         grad_logits = ctx.backend.shard_grad(
             logits,
             local_targets,
             ctx.valid_width,
-            lse,
+            global_max,
+            log_sum,
             entropy,
             grad_entropy.float().contiguous(),
             grad_logprobs.float().contiguous(),
