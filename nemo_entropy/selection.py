@@ -97,11 +97,14 @@ def validate_token_inputs(mask: torch.Tensor, *, check_finite: bool = True,
 
 
 # ----------------------------------------------------------------------------------------------- exact sums
-def _fixed_point_sum(values: torch.Tensor, mask: Optional[torch.Tensor], world_size: int, name: str) -> torch.Tensor:
-    """Exact int64 sum of ``values`` over valid tokens, each rounded to a multiple of 2**-20.
+def _fixed_point_sum(values: torch.Tensor, mask: Optional[torch.Tensor], world_size: int) -> tuple[torch.Tensor, int]:
+    """Exact int64 sum of ``values`` over valid tokens, each rounded to a multiple of 2**-20, and a problem code
+    (0 fine, 1 NaN/inf on a valid token, 2 too large for exact sums).
 
+    Problems are *returned*, not raised: the caller folds them into the all-reduce so that every rank raises
+    together instead of one rank raising while the others wait in the collective.
     Scaling by a power of two and rounding to an integer are exact in the input's own float format, so fp32
-    inputs never need an fp64 copy. Also checks finiteness on valid tokens (NaN and inf propagate to the max).
+    inputs never need an fp64 copy.
     """
     work_dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
     if mask is None:  # already compacted to valid tokens
@@ -109,16 +112,16 @@ def _fixed_point_sum(values: torch.Tensor, mask: Optional[torch.Tensor], world_s
     else:
         masked = torch.where(mask, values.detach().to(work_dtype), torch.zeros((), dtype=work_dtype,
                                                                                 device=values.device))
+    zero = torch.zeros((), dtype=torch.int64, device=values.device)
     if masked.numel() == 0:
-        return torch.zeros((), dtype=torch.int64, device=values.device)
-    max_abs = float(masked.abs().max())
+        return zero, 0
+    max_abs = float(masked.abs().max())  # NaN and inf propagate to the max
     if not max_abs < float("inf"):
-        raise _non_finite_error(name, values, mask if mask is not None else torch.ones_like(values, dtype=torch.bool))
+        return zero, 1
     # Overflow guard (no per-token host copy): the group's sum of |q| must stay below 2**62.
     if max_abs * float(masked.numel()) * float(1 << _FIXED_POINT_BITS) * world_size >= 2.0**62:
-        raise ValueError(f"{name} are too large for the exact fixed-point sums (max |value| x tokens x world "
-                         f"must stay below 2**42)")
-    return torch.round(masked * float(1 << _FIXED_POINT_BITS)).to(torch.int64).sum()
+        return zero, 2
+    return torch.round(masked * float(1 << _FIXED_POINT_BITS)).to(torch.int64).sum(), 0
 
 
 def global_token_stats(
@@ -134,19 +137,32 @@ def global_token_stats(
     ``mask=None``: the tensors hold valid tokens only (already compacted).
 
     ``X`` is the advantage (``form="natural"``) or ``p * A`` with ``p = exp(l)`` (``form="vanilla"``).
-    The means are float64 scalars identical on every rank, whatever the layout.
+    The means are float64 scalars identical on every rank, whatever the layout. Bad values on any rank (NaN or
+    inf on a valid token, magnitudes too large for exact sums) make *every* rank raise, after the all-reduce.
     """
     g = as_groups(groups)
     mask = None if mask is None else _as_bool_mask(mask)
     x = advantages if form == "natural" else torch.exp(logprobs.detach().float()) * advantages.detach().float()
     world = g.token_world_size
     count = mask.sum() if mask is not None else torch.tensor(logprobs.numel(), device=logprobs.device)
-    local = torch.stack([
-        count.to(torch.int64),
-        _fixed_point_sum(logprobs, mask, world, "logprobs"),
-        _fixed_point_sum(x, mask, world, "advantages"),
-    ])
+    sum_l, problem_l = _fixed_point_sum(logprobs, mask, world)
+    sum_x, problem_x = _fixed_point_sum(x, mask, world)
+    # Problem flags ride in the same all-reduce as bit masks over ranks (rank r sets bit r; up to 62 ranks
+    # are named, beyond that the count is still exact-or-flagged).
+    bit = 1 << min(g.token_rank, 61)
+    flags = [bit if problem_l == 1 else 0, bit if problem_x == 1 else 0, bit if 2 in (problem_l, problem_x) else 0]
+    local = torch.stack([count.to(torch.int64), sum_l, sum_x,
+                         *[torch.tensor(f, dtype=torch.int64, device=sum_l.device) for f in flags]])
     total = g.token_all_reduce_sum(local)
+    names = ("logprobs have NaN or inf on valid (unmasked) tokens",
+             ("advantages" if form == "natural" else "advantages (or exp(logprobs) * advantages)")
+             + " have NaN or inf on valid (unmasked) tokens",
+             "log-probs or advantages are too large for the exact fixed-point sums "
+             "(max |value| x tokens x world must stay below 2**42)")
+    for flag, message in zip(total[3:].tolist(), names):
+        if flag:
+            ranks = [r for r in range(62) if flag >> r & 1]
+            raise ValueError(f"{message} (token-group ranks {ranks})")
     n = int(total[0])
     denom = float(max(n, 1) * (1 << _FIXED_POINT_BITS))
     return n, total[1].double() / denom, total[2].double() / denom

@@ -91,6 +91,18 @@ def _scenario(rank, world_size):
         data = global_batch(empty_samples=(0, 4, 8, 12) if name == "dp4_empty_rank" else ())
         for i, cfg in enumerate(CONFIGS):
             results[(name, i)] = run_layout(*data, samples, groups, cfg)
+    # A NaN advantage on one rank: every rank raises together (no rank left waiting in a collective).
+    cur, old, adv, mask, uids = global_batch()
+    mine = list(range(rank, BATCH, 4))
+    adv = adv.clone()
+    if rank == 2:
+        adv[mine[1], mask[mine[1]].nonzero()[0, 0]] = float("nan")
+    try:
+        select_tokens(loss_config(CONFIGS[0]), old[mine], adv[mine], mask[mine], token_uids=uids[mine], step=0,
+                      groups=dist.group.WORLD)
+        results["nan"] = None
+    except ValueError as err:
+        results["nan"] = str(err)
     return results
 
 
@@ -133,6 +145,8 @@ def test_selection_and_loss_do_not_depend_on_the_layout():
                     torch.testing.assert_close(grads[mbs], ref_grad[mbs], rtol=1e-5, atol=1e-7)
                     checked += 1
     assert checked == sum(len(s) for s in replica_sets.values()) * len(CONFIGS) * len(MICRO_BATCH_SIZES)
+    for out in per_rank:
+        assert out["nan"] is not None and "advantages have NaN or inf" in out["nan"] and "ranks [2]" in out["nan"]
     # TP replicas (ranks 0 and 1 in dp2xtp2) hold the same tokens and must agree bit for bit.
     for i in range(len(CONFIGS)):
         assert torch.equal(per_rank[0][("dp2xtp2", i)]["selected"], per_rank[1][("dp2xtp2", i)]["selected"])
