@@ -78,10 +78,10 @@ write_config() {
     # and a later `start` agree on one configuration.
     if [[ -f $SLURM_CONF ]] && cmp -s "$tmp" "$SLURM_CONF"; then
         rm -f "$tmp"
-    else
-        mv "$tmp" "$SLURM_CONF"
-        chmod 0644 "$SLURM_CONF"
+        return 1
     fi
+    mv "$tmp" "$SLURM_CONF"
+    chmod 0644 "$SLURM_CONF"
 }
 
 wait_for() {
@@ -102,11 +102,22 @@ both_nodes_idle() {
     [[ $(grep -cE '^n[12] idle$' <<<"$states") -eq ${#nodes[@]} ]]
 }
 
+# Like both_nodes_idle, but a node left DOWN or DRAINED by an earlier crash is put back into
+# service instead of failing the tests.
+nodes_idle_or_resumed() {
+    if both_nodes_idle; then return 0; fi
+    local stuck
+    stuck=$(sinfo -h -N -o '%N %t' 2>/dev/null | awk '$2 ~ /^(down|drain|drng|fail)/ {print $1}' | sort -u | paste -sd, -)
+    if [[ -n $stuck ]]; then scontrol update NodeName="$stuck" State=RESUME >/dev/null 2>&1 || true; fi
+    return 1
+}
+
 start() {
     require_tools
     mkdir -p "$state"
     start_munge
-    write_config
+    # Daemons running with an older configuration are restarted with the new one.
+    if write_config; then stop_daemons; fi
     if ! scontrol ping 2>/dev/null | grep -q 'is UP'; then
         # -c: forget jobs of an earlier session, so no stale allocation holds the nodes.
         slurmctld -c
@@ -119,12 +130,7 @@ start() {
             slurmd -N "$node"
         fi
     done
-    # A node left DOWN/DRAIN by an earlier crash comes back here instead of failing the tests.
-    if ! both_nodes_idle; then
-        sleep 1
-        scontrol update NodeName=n1,n2 State=RESUME >/dev/null 2>&1 || true
-    fi
-    wait_for "both nodes idle in sinfo" 60 both_nodes_idle
+    wait_for "both nodes idle in sinfo" 60 nodes_idle_or_resumed
     echo "SLURM_CONF=$SLURM_CONF"
 }
 
@@ -138,7 +144,15 @@ stop() {
             sleep 0.5
         done
     fi
-    local pidfile pid
+    stop_daemons
+    if [[ -f $state/started-munged ]] && pid_alive /run/munge/munged.pid; then
+        kill "$(cat /run/munge/munged.pid)" 2>/dev/null || true
+        rm -f "$state/started-munged"
+    fi
+}
+
+stop_daemons() {
+    local pidfile pid i
     for pidfile in "$state"/slurmd-*.pid "$state/slurmctld.pid"; do
         if pid_alive "$pidfile"; then
             pid=$(cat "$pidfile")
@@ -149,10 +163,6 @@ stop() {
             done
         fi
     done
-    if [[ -f $state/started-munged ]] && pid_alive /run/munge/munged.pid; then
-        kill "$(cat /run/munge/munged.pid)" 2>/dev/null || true
-        rm -f "$state/started-munged"
-    fi
 }
 
 status() {
