@@ -172,3 +172,9 @@ def test_nemo_rl_backend_puts_our_loss_and_the_selection_wrapper_into_nemo_rl(tm
     assert seen["policy"].optimizer_step == 2 * 8  # resumed at rollout 2, 8 optimizer steps per rollout
     assert seen["master_config"]["not_ours"] == 7 and "engine" not in seen["master_config"]
     assert (tmp_path / "logs" / "nemo_rl_config.yaml").is_file()
+
+
+@pytest.mark.skipif(not (CONF / "preset" / "local_tiny.yaml").is_file(), reason="the engine's preset has not landed")
+def test_preset_local_tiny_turns_a_32b_config_into_a_local_run(capsys):
+    assert train.main(["--config-name", "grpo_32b_kl_cov", "+preset=local_tiny", "--dry-run"]) == 0
+    assert "# layout: local:" in capsys.readouterr().out
