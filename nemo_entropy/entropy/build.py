@@ -212,6 +212,19 @@ def nvcc_path() -> Optional[str]:
     return None
 
 
+def cuda_toolkit_root() -> Optional[Path]:
+    """The CUDA toolkit directory (with ``include/cuda_runtime_api.h``), if one can be found."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = nvcc_path()
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    candidates.append("/usr/local/cuda")
+    for root in candidates:
+        if root and (Path(root) / "include" / "cuda_runtime_api.h").is_file():
+            return Path(root)
+    return None
+
+
 def nvcc_compile_check(out_dir: Optional[Path] = None, archs: Sequence[str] = CUDA_ARCHS) -> list[Path]:
     """Compile every ``kernels/*.cu`` with ``nvcc -c`` for ``archs`` against torch's headers.
 
