@@ -36,12 +36,10 @@ def test_cu_files_compile_for_sm80_and_sm90(tmp_path):
     assert sources and len(objects) == len(sources)
     for obj in objects:
         assert obj.stat().st_size > 0
-        # Both architectures' SASS are embedded in the object (cuobjdump lists one ELF per arch).
-        root = build.cuda_toolkit_root()
-        cuobjdump = root / "bin" / "cuobjdump" if root else None
-        if cuobjdump is not None and cuobjdump.exists():
-            listing = subprocess.run([str(cuobjdump), "--list-elf", str(obj)], capture_output=True, text=True).stdout
-            assert "sm_80" in listing and "sm_90" in listing, listing
+        # Both architectures' SASS are embedded: the fatbinary records the ptxas options of each cubin.
+        data = obj.read_bytes()
+        for arch in build.CUDA_ARCHS:
+            assert f"-arch sm_{arch} ".encode() in data, f"{obj.name} has no sm_{arch} code"
 
 
 def test_cuda_binding_compiles_against_torch_headers(tmp_path):
