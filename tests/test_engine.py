@@ -1,0 +1,215 @@
+"""The embedded local engine (nemo_entropy.engine): task, advantages, settings, and end-to-end runs in one
+process (training improves the reward, kill-and-resume and pre-emption reproduce the uninterrupted run bit
+for bit, outputs are written). The DP x TP equality lives in test_engine_distributed.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from nemo_entropy.engine import REQUEUE_EXIT_CODE, run_local, validate_engine_config
+from nemo_entropy.engine.rollout import group_advantages
+from nemo_entropy.engine.task import EOS, PAD, AdditionTask, encode_digits, response_mask
+from nemo_entropy.train import compose_config
+
+TIMING_KEYS = {"rollout_time", "train_time", "val_time", "step_time"}
+
+
+def tiny_overrides(log_dir, cache_dir, *, steps=6, extra=()):
+    """A small, fast run: 8 prompts x 4 generations, 2 optimizer steps per rollout, the default warm start (cached once per module)."""
+    return [
+        f"logger.log_dir={log_dir}",
+        f"engine.warm_start.cache_dir={cache_dir}",
+        f"grpo.max_num_steps={steps}",
+        "grpo.num_prompts_per_step=8",
+        "grpo.num_generations_per_prompt=4",
+        "grpo.val_period=3",
+        "policy.train_global_batch_size=16",
+        "policy.train_micro_batch_size=8",
+        "policy.generation_batch_size=32",
+        "policy.optimizer.kwargs.lr=3e-4",
+        "engine.warm_start.steps=400",
+        "engine.num_val_problems=64",
+        "engine.progress_bar=false",
+        "engine.plot=false",
+        "checkpointing.save_period=3",
+        *extra,
+    ]
+
+
+def read(path):
+    with open(path) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+# ----------------------------------------------------------------------------------------------- task
+def test_addition_rewards_exact_match():
+    task = AdditionTask(digits=2)
+    operands = torch.tensor([[12, 34], [1, 2], [0, 0], [50, 50]])
+    answers = task.answers(operands)
+    assert task.rewards(operands, answers).tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert task.answers(torch.tensor([[99, 99]])).tolist() == [encode_digits(198) + [EOS]]
+    wrong = answers.clone()
+    wrong[0, 0] = encode_digits(3)[0]                      # 36 instead of 46
+    no_eos = answers.clone()
+    no_eos[2] = torch.tensor(encode_digits(0) + encode_digits(0) * 3)  # "0000": never stops
+    trailing = answers.clone()
+    trailing[1, -1] = encode_digits(7)[0]                    # garbage after "3<eos>" is not part of the answer
+    prefix = answers.clone()
+    prefix[3] = torch.tensor(encode_digits(10) + [EOS, PAD])  # "10" is a prefix of "100"
+    batch = torch.stack([wrong[0], trailing[1], no_eos[2], prefix[3]])
+    assert task.rewards(operands, batch).tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_response_mask_stops_after_first_eos():
+    responses = torch.tensor([[7, 8, EOS, PAD, PAD], [7, EOS, 9, EOS, 9], [7, 7, 7, 7, 7]])
+    expected = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(response_mask(responses), expected)
+
+
+def test_prompts_are_fixed_length_and_seeded():
+    task = AdditionTask(digits=3)
+    a = task.sample_operands(50, seed=7)
+    assert torch.equal(a, task.sample_operands(50, seed=7))
+    assert not torch.equal(a, task.sample_operands(50, seed=8))
+    assert task.prompts(a).shape == (50, task.prompt_length)
+    assert int(a.max()) < 1000
+
+
+# ----------------------------------------------------------------------------------------------- advantages
+@pytest.mark.parametrize("leave_one_out", [False, True])
+def test_group_advantages_match_float64_reference(leave_one_out):
+    gen = torch.Generator().manual_seed(0)
+    rewards = (torch.rand(6 * 5, generator=gen) > 0.5).float()
+    rewards[:5] = 1.0                                        # one uniform group: advantage 0
+    got = group_advantages(rewards, 5, normalize=True, leave_one_out=leave_one_out)
+    for g in range(6):
+        r = [float(x) for x in rewards[g * 5 : (g + 1) * 5]]
+        mean = sum(r) / 5
+        std = math.sqrt(sum((x - mean) ** 2 for x in r) / 4)
+        for i, x in enumerate(r):
+            base = (sum(r) - x) / 4 if leave_one_out else mean
+            want = (x - base) / (std + 1e-6) if std > 0 else x - base
+            assert got[g * 5 + i].item() == pytest.approx(want, abs=1e-5)
+    assert torch.all(got[:5] == 0)
+
+
+# ----------------------------------------------------------------------------------------------- settings
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("engine.tp_size=3", "engine.tp_size"),
+        ("policy.train_global_batch_size=48", "policy.train_global_batch_size"),
+        ("policy.generation.top_p=0.9", "policy.generation.top_p"),
+        ("engine.task.digits=9", "engine.task.digits"),
+        ("+engine.model.hidden=3", "engine.model.hidden"),
+        ("policy.max_total_sequence_length=8", "policy.max_total_sequence_length"),
+    ],
+)
+def test_invalid_engine_settings_name_the_key(override, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        validate_engine_config(compose_config("local_kl_cov", [override]))
+
+
+def test_every_local_config_and_the_preset_validate():
+    for name, overrides in [("local_grpo", []), ("local_clip_cov", []), ("local_kl_cov", []),
+                            ("grpo_32b_kl_cov", ["+preset=local_tiny"]), ("grpo_7b_clip_cov", ["+preset=local_tiny"])]:
+        settings = validate_engine_config(compose_config(name, overrides))
+        assert settings.optimizer_steps_per_rollout >= 2, name  # several optimizer steps: KL-Cov is not inert
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("warm_start"))
+
+
+def test_training_improves_reward_and_writes_outputs(tmp_path, cache_dir):
+    log_dir = tmp_path / "run"
+    cfg = compose_config("local_kl_cov", tiny_overrides(log_dir, cache_dir, steps=24, extra=[
+        "grpo.val_period=12", "engine.plot=true", "checkpointing.save_period=12"]))
+    result = run_local(cfg)
+    records = read(result["metrics_path"])
+    assert [r["step"] for r in records] == list(range(25))
+    assert all(list(r)[0] == "step" for r in records)
+    warm = torch.load(os.path.join(cache_dir, os.listdir(cache_dir)[0]), weights_only=False)["losses"]
+    assert sum(warm[-10:]) / 10 < 0.5 * sum(warm[:10]) / 10          # the supervised warm start learns
+    train = records[1:]
+    first = sum(r["reward_mean"] for r in train[:6]) / 6
+    last = sum(r["reward_mean"] for r in train[-6:]) / 6
+    assert last > first + 0.05, (first, last)                         # RL improves the sampled accuracy
+    assert all(0.0 <= r["val_accuracy"] <= 1.0 for r in records if "val_accuracy" in r)
+    for r in train:
+        for key in ("reward_mean", "entropy_mean", "entropy_p10", "entropy_p90", "cov_mean", "cov_selected_mean",
+                    "selected_fraction", "clip_fraction", "kl_to_old", "response_length_mean", "step_time", "loss",
+                    "grad_norm"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]), (r["step"], key, r.get(key))
+        assert 0 < r["selected_fraction"] < 0.2 and r["entropy_p10"] <= r["entropy_mean"] <= r["entropy_p90"]
+    assert os.path.getsize(result["plot_path"]) > 10_000
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(result["tensorboard_dir"]))
+    info = json.load(open(log_dir / "run_info.json"))
+    assert info["world_size"] == 1 and info["ranks"][0]["pid"] == os.getpid()
+
+
+class _Killed(Exception):
+    pass
+
+
+def _crash_at(step):
+    def hook(done):
+        if done == step:
+            raise _Killed(done)
+    return hook
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path, cache_dir):
+    reference = run_local(compose_config("local_clip_cov", tiny_overrides(tmp_path / "a", cache_dir, steps=7)))
+    overrides = tiny_overrides(tmp_path / "b", cache_dir, steps=7)
+    # Killed after step 5 was logged but before its checkpoint (the last complete one is step 3).
+    with pytest.raises(_Killed):
+        run_local(compose_config("local_clip_cov", overrides), _after_step=_crash_at(5))
+    assert [r["step"] for r in read(tmp_path / "b" / "metrics.jsonl")][-1] == 5
+    resumed = run_local(compose_config("local_clip_cov", overrides))
+    assert resumed["resumed_from"] == 3
+    assert without_timing(read(resumed["metrics_path"])) == without_timing(read(reference["metrics_path"]))
+
+
+def test_preempt_file_checkpoints_exits_3_and_resumes_identically(tmp_path, cache_dir, monkeypatch):
+    flag = tmp_path / "PREEMPT_NOW"
+    monkeypatch.setenv("NEMO_ENTROPY_PREEMPT_FILE", str(flag))
+    reference = run_local(compose_config("local_kl_cov", tiny_overrides(tmp_path / "a", cache_dir, steps=4)))
+    overrides = tiny_overrides(tmp_path / "b", cache_dir, steps=4)
+    flag.write_text("")
+    with pytest.raises(SystemExit) as exc:
+        run_local(compose_config("local_kl_cov", overrides))
+    assert exc.value.code == REQUEUE_EXIT_CODE
+    assert not flag.exists()
+    assert os.path.exists(tmp_path / "b" / "checkpoints" / "step_0000001" / "COMPLETE")
+    resumed = run_local(compose_config("local_kl_cov", overrides))
+    assert resumed["resumed_from"] == 1
+    assert without_timing(read(resumed["metrics_path"])) == without_timing(read(reference["metrics_path"]))
+
+
+def test_compare_writes_side_by_side_plot(tmp_path, cache_dir):
+    from nemo_entropy.engine.compare import main
+
+    out = tmp_path / "cmp"
+    args = ["--out", str(out), "--steps", "2"] + [o for o in tiny_overrides("x", cache_dir, steps=2)
+                                                  if not o.startswith(("logger.", "grpo.max_num_steps",
+                                                                       "engine.warm_start.cache_dir"))]
+    assert main(args) == 0
+    summary = json.load(open(out / "compare_summary.json"))["summary"]
+    assert set(summary) == {"local_grpo", "local_clip_cov", "local_kl_cov"}
+    first = {name: read(out / name / "metrics.jsonl")[1] for name in summary}
+    # Same seed and warm start: the first rollout (before any update) is the same for every method.
+    assert len({r["entropy_mean"] for r in first.values()}) == 1
+    assert len({r["reward_mean"] for r in first.values()}) == 1
+    assert os.path.getsize(out / "compare.png") > 10_000
