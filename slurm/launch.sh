@@ -24,7 +24,7 @@
 #   CONTAINER                 pyxis image (file or registry ref) for every srun step
 #   MOUNTS                    pyxis mounts, src:dst[:flags],...; the repo and submit dir are added
 #   NEMO_ENTROPY_PYTHON       trainer Python (default: <repo>/.venv/bin/python, `python` in a container)
-#   NEMO_ENTROPY_CONFIG_DIR   Hydra config directory (default: <repo>/conf)
+#   NEMO_ENTROPY_CONF_DIR   Hydra config directory (default: <repo>/conf)
 #   NEMO_ENTROPY_TRAIN_MODULE module run as the trainer (default: nemo_entropy.train)
 #   NEMO_ENTROPY_PREEMPT_FILE pre-emption file (default: <checkpoint_dir>/PREEMPT)
 #   NEMO_ENTROPY_RDZV_PORT    torchrun rendezvous port on the head (default: 29400 + jobid % 1000)
@@ -45,7 +45,7 @@ fi
 CONFIG_NAME=$1
 shift
 OVERRIDES=("$@")
-CONFIG_DIR=${NEMO_ENTROPY_CONFIG_DIR:-$REPO/conf}
+CONFIG_DIR=${NEMO_ENTROPY_CONF_DIR:-$REPO/conf}
 TRAIN_MODULE=${NEMO_ENTROPY_TRAIN_MODULE:-nemo_entropy.train}
 
 # ---------------------------------------------------------------------------------------------
@@ -70,10 +70,16 @@ fail_on_problems() {
     exit 2
 }
 
-# Prints a command the way a shell would read it back.
+# Prints a command the way a shell would read it back (words with specials in single quotes).
 quoted() {
-    local out="" word
-    for word in "$@"; do out+="$(printf '%q' "$word") "; done
+    local out="" word squote="'" escaped="'\\''"
+    for word in "$@"; do
+        if [[ $word =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+            out+="$word "
+        else
+            out+="'${word//$squote/$escaped}' "
+        fi
+    done
     echo "${out% }"
 }
 
@@ -130,7 +136,7 @@ if [[ $user_log_dir == 0 ]]; then OVERRIDES+=("logger.log_dir=$LOG_DIR"); fi
 # ---------------------------------------------------------------------------------------------
 # Validation, part 1: what the host shell can see
 
-[[ -f $CONFIG_DIR/$CONFIG_NAME.yaml ]] || problem "config $CONFIG_NAME not found: $CONFIG_DIR/$CONFIG_NAME.yaml does not exist (NEMO_ENTROPY_CONFIG_DIR=$CONFIG_DIR)"
+[[ -f $CONFIG_DIR/$CONFIG_NAME.yaml ]] || problem "config $CONFIG_NAME not found: $CONFIG_DIR/$CONFIG_NAME.yaml does not exist (NEMO_ENTROPY_CONF_DIR=$CONFIG_DIR)"
 
 CONTAINER=${CONTAINER:-}
 MOUNTS=${MOUNTS:-}
@@ -182,6 +188,13 @@ export NEMO_ENTROPY_JOB_ID=$JOB_ID
 READ_CONFIG=("$PYTHON" "$REPO/slurm/read_config.py" --config-dir "$CONFIG_DIR" --config-name "$CONFIG_NAME" --check-paths -- "${OVERRIDES[@]}")
 if [[ -n $CONTAINER && $IN_ALLOCATION == 1 ]]; then
     READ_CONFIG=(srun --overlap --nodes=1 --ntasks=1 --kill-on-bad-exit=1 "${CONTAINER_ARGS[@]}" "${READ_CONFIG[@]}")
+elif [[ -n $CONTAINER ]]; then
+    # A dry run on a login node cannot enter the container: compose with a host Python and leave
+    # the path checks (container paths) to the real submission.
+    host_python=$REPO/.venv/bin/python
+    [[ -x $host_python ]] || host_python=python3
+    READ_CONFIG=("$host_python" "$REPO/slurm/read_config.py" --config-dir "$CONFIG_DIR" --config-name "$CONFIG_NAME" -- "${OVERRIDES[@]}")
+    say "dry run outside Slurm with CONTAINER: paths are checked inside the container when the job runs"
 fi
 [[ $DRY_RUN == 1 ]] && echo "+ $(quoted "${READ_CONFIG[@]}")   # runs in dry-run too: it only reads"
 config_err=$(mktemp)
@@ -230,9 +243,6 @@ if [[ $NE_BACKEND == nemo_rl ]]; then
         say "warning: cannot tell how many GPUs Slurm allocated per node (no GRES, no nvidia-smi); trusting cluster.gpus_per_node=$NE_GPUS_PER_NODE"
     elif [[ $ALLOC_GPUS != "$NE_GPUS_PER_NODE" ]]; then
         problem "GPU-count mismatch: cluster.gpus_per_node=$NE_GPUS_PER_NODE but Slurm allocated $ALLOC_GPUS GPU(s) per node (--gpus-per-node)"
-    fi
-    if [[ -z ${HF_HOME:-} ]]; then
-        : # read_config.py names the model key when HF_HOME is needed
     fi
     NPROC=$NE_GPUS_PER_NODE
 else

@@ -43,12 +43,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def compose(config_dir: str, config_name: str, overrides: list[str]) -> Any:
-    """Compose ``config_name`` from ``config_dir`` with Hydra's compose API and ``overrides``."""
+    """Compose ``config_name`` from ``config_dir`` exactly as the trainer will: through
+    ``nemo_entropy.train.compose_config`` when the plugin is importable, else Hydra's compose API."""
+    try:
+        from nemo_entropy.train import compose_config
+    except ImportError:
+        compose_config = None
+    if compose_config is not None:
+        return compose_config(config_name, overrides, config_dir)
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=os.path.abspath(config_dir), version_base=None):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def trainer_validation_problems(cfg: Any) -> list[str]:
+    """The trainer's own config validation (loss keys, layout, engine section), run now so a bad
+    value fails the job in seconds instead of after the Ray cluster started."""
+    try:
+        from nemo_entropy.train import validate_run_config
+    except ImportError:
+        return []  # package_problems() reports the missing plugin
+    try:
+        validate_run_config(cfg)
+    except ValueError as err:
+        return [f"invalid config: {err}"]
+    return []
 
 
 def select(cfg: Any, key: str, default: Any = None) -> Any:
@@ -172,11 +193,12 @@ def report(cfg: Any, check_paths: bool) -> dict[str, Any]:
         problems.append(f"backend={backend}: must be local or nemo_rl")
     if check_paths:
         problems += package_problems(backend)
+        problems += trainer_validation_problems(cfg)
         if backend == "nemo_rl":
             problems += model_problems("policy.model_name", model_name, needs_hf_home=True)
-            problems += model_problems(
-                "policy.tokenizer.name", select(cfg, "policy.tokenizer.name"), needs_hf_home=True
-            )
+            tokenizer = select(cfg, "policy.tokenizer.name")
+            if tokenizer != model_name:
+                problems += model_problems("policy.tokenizer.name", tokenizer, needs_hf_home=True)
             problems += data_problems(cfg)
         else:
             # The embedded engine builds its tiny model from dims unless the config names weights.
