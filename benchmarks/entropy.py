@@ -1,0 +1,171 @@
+"""Time and peak extra memory of the entropy + log-prob backends against the usual PyTorch paths.
+
+    .venv/bin/python benchmarks/entropy.py                      # N=4096, V_local in {19008, 32768, 152064}
+    .venv/bin/python benchmarks/entropy.py --rows 512 --widths 19008 --repeat 3
+
+For each shard width, bf16 logits [N, V_local] and random targets, forward ("fwd": entropy and log-prob)
+and forward+backward ("fwd+bwd": gradient of sum(H) + sum(logp) w.r.t. the logits), in one process:
+
+* naive     the plain PyTorch computation: upcast to fp32, log_softmax, softmax, sum(p * logp), gather;
+* megatron  megatron-core's vocab_parallel_cross_entropy (TP = 1, gloo) for the log-prob, plus a
+            verl-style entropy (softmax of the fp32 logits, logsumexp - sum(p * z)) for the entropy;
+* ours/<backend>  nemo_entropy.entropy.vocab_parallel_entropy_and_logprobs with each backend available
+            here (the CPU extension if built, the chunked PyTorch reference).
+
+Time: best of --repeat runs after one warm-up, --threads intra-op threads for every method (default 1:
+the machine is shared; ratios are what matters). Peak extra memory: the process's peak resident set
+during the call (Linux VmHWM, reset through /proc/self/clear_refs before each run) minus the resident set
+before it, minus the gradient of the logits for fwd+bwd (an output every method must return: bf16,
+the size of the shard). Reported in MiB and as a fraction of the bf16 shard's size. Ratios are against
+the naive path (time) and as multiples of the shard (memory).
+
+The CUDA and Triton kernels are not timed here (no GPU); see docs/kernels.md for their roofline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nemo_entropy.entropy import build, vocab_parallel_entropy_and_logprobs  # noqa: E402
+
+MiB = 1 << 20
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_peak() -> int:
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current VmRSS (Linux >= 4.0)
+    return _status_kib("VmRSS")
+
+
+def naive(logits, targets):
+    """The textbook path: several fp32 copies of the whole shard."""
+    x = logits.float()
+    logp_all = torch.log_softmax(x, dim=-1)
+    p = torch.softmax(x, dim=-1)
+    entropy = -(p * logp_all).sum(-1)
+    return entropy, logp_all.gather(-1, targets[:, None]).squeeze(-1)
+
+
+def _init_megatron():
+    import torch.distributed as dist  # benchmark-local set-up of a one-process group for megatron-core
+
+    from tests.distributed import free_port
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    def megatron_plus_verl(logits, targets):
+        logprob = -vocab_parallel_cross_entropy(logits[:, None, :], targets[:, None]).squeeze(1)
+        x = logits.float()
+        p = torch.softmax(x, dim=-1)
+        entropy = torch.logsumexp(x, dim=-1) - (p * x).sum(-1)
+        return entropy, logprob
+
+    return megatron_plus_verl
+
+
+def _ours(backend):
+    def run(logits, targets):
+        return vocab_parallel_entropy_and_logprobs(logits, targets, backend=backend)
+
+    return run
+
+
+def measure(fn, logits, targets, mode, repeat):
+    """(best seconds, peak extra bytes) of one method."""
+    best, peak = float("inf"), 0
+    for i in range(repeat + 1):
+        x = logits.detach().requires_grad_(mode == "fwd+bwd")
+        base_kib = _reset_peak()
+        start = time.perf_counter()
+        entropy, logprob = fn(x, targets)
+        if mode == "fwd+bwd":
+            (entropy.sum() + logprob.sum()).backward()
+        elapsed = time.perf_counter() - start
+        extra = (_status_kib("VmHWM") - base_kib) * 1024
+        if mode == "fwd+bwd":
+            extra -= x.grad.numel() * x.grad.element_size()
+        del entropy, logprob, x
+        if i > 0:  # the first run is the warm-up
+            best = min(best, elapsed)
+        peak = max(peak, extra)
+    return best, max(0, peak)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--widths", type=int, nargs="+", default=[19008, 32768, 152064])
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--skip-megatron", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    methods = [("naive", naive)]
+    if not args.skip_megatron:
+        try:
+            methods.append(("megatron+verl", _init_megatron()))
+        except Exception as err:  # megatron-core is optional
+            print(f"# megatron-core unavailable ({type(err).__name__}: {err}); skipping that baseline")
+    if build.load_cpu_extension() is not None:
+        methods.append(("ours/cpu", _ours("cpu")))
+    else:
+        print("# CPU extension not built (nemo-entropy build-kernels): ours/cpu skipped")
+    methods.append(("ours/reference", _ours("reference")))
+
+    print(f"# bf16 logits, N = {args.rows} rows, {args.threads} thread(s), torch {torch.__version__}, best of {args.repeat}")
+    print("# time ratio = naive time / method time (higher is faster); memory = peak extra / bf16 shard size")
+    header = f"| V_local | mode | method | time (s) | speed-up vs naive | peak extra (MiB) | extra / shard |"
+    print(header)
+    print("|" + "---|" * 7)
+    for width in args.widths:
+        gen = torch.Generator().manual_seed(width)
+        logits = (torch.randn(args.rows, width, generator=gen) * 2).to(torch.bfloat16)
+        targets = torch.randint(0, width, (args.rows,), generator=gen)
+        shard_bytes = logits.numel() * logits.element_size()
+        for mode in ("fwd", "fwd+bwd"):
+            naive_time = None
+            for name, fn in methods:
+                seconds, extra = measure(fn, logits, targets, mode, args.repeat)
+                naive_time = seconds if name == "naive" else naive_time
+                print(
+                    f"| {width} | {mode} | {name} | {seconds:.3f} | {naive_time / seconds:.2f}x | "
+                    f"{extra / MiB:.0f} | {extra / shard_bytes:.1%} |",
+                    flush=True,
+                )
+        del logits
+    print(f"# shard sizes (bf16): " + ", ".join(f"{w}: {args.rows * w * 2 / MiB:.0f} MiB" for w in args.widths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
