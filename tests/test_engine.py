@@ -213,3 +213,19 @@ def test_compare_writes_side_by_side_plot(tmp_path, cache_dir):
     assert len({r["entropy_mean"] for r in first.values()}) == 1
     assert len({r["reward_mean"] for r in first.values()}) == 1
     assert os.path.getsize(out / "compare.png") > 10_000
+
+
+def test_sigusr1_requests_preemption_at_the_step_boundary(tmp_path, cache_dir):
+    import signal
+
+    def send_signal(done):
+        if done == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    overrides = tiny_overrides(tmp_path / "s", cache_dir, steps=5, extra=["checkpointing.save_period=10"])
+    with pytest.raises(SystemExit) as exc:
+        run_local(compose_config("local_grpo", overrides), _after_step=send_signal)
+    assert exc.value.code == REQUEUE_EXIT_CODE
+    assert [r["step"] for r in read(tmp_path / "s" / "metrics.jsonl")] == [0, 1, 2]
+    assert os.path.exists(tmp_path / "s" / "checkpoints" / "step_0000002" / "COMPLETE")
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL      # handlers restored
