@@ -19,7 +19,10 @@ before it, minus the gradient of the logits for fwd+bwd (an output every method 
 the size of the shard). Reported in MiB and as a fraction of the bf16 shard's size. Ratios are against
 the naive path (time) and as multiples of the shard (memory).
 
-The CUDA and Triton kernels are not timed here (no GPU); see docs/kernels.md for their roofline.
+With ``--device cuda`` (a GPU machine with a CUDA torch; NOT run on the development machines, which
+have no GPU) the same table is produced for the CUDA extension and the Triton kernel, timed with
+``torch.cuda.synchronize`` and with peak extra memory from ``torch.cuda.max_memory_allocated``; compare
+the times with the roofline in docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def naive(logits, targets):
     return entropy, logp_all.gather(-1, targets[:, None]).squeeze(-1)
 
 
-def _init_megatron():
+def _init_megatron(device):
     import torch.distributed as dist  # benchmark-local set-up of a one-process group for megatron-core
 
     from tests.distributed import free_port
@@ -74,8 +77,9 @@ def _init_megatron():
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    torch.cuda.current_device = lambda: torch.device("cpu")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    if device.type == "cpu":
+        torch.cuda.current_device = lambda: torch.device("cpu")
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():
@@ -102,15 +106,26 @@ def _ours(backend):
 def measure(fn, logits, targets, mode, repeat):
     """(best seconds, peak extra bytes) of one method."""
     best, peak = float("inf"), 0
+    cuda = logits.device.type == "cuda"
     for i in range(repeat + 1):
         x = logits.detach().requires_grad_(mode == "fwd+bwd")
-        base_kib = _reset_peak()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            base_kib = _reset_peak()
         start = time.perf_counter()
         entropy, logprob = fn(x, targets)
         if mode == "fwd+bwd":
             (entropy.sum() + logprob.sum()).backward()
+        if cuda:
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-        extra = (_status_kib("VmHWM") - base_kib) * 1024
+        if cuda:
+            extra = torch.cuda.max_memory_allocated() - base
+        else:
+            extra = (_status_kib("VmHWM") - base_kib) * 1024
         if mode == "fwd+bwd":
             extra -= x.grad.numel() * x.grad.element_size()
         del entropy, logprob, x
@@ -127,30 +142,39 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-megatron", action="store_true")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
 
     methods = [("naive", naive)]
     if not args.skip_megatron:
         try:
-            methods.append(("megatron+verl", _init_megatron()))
+            methods.append(("megatron+verl", _init_megatron(device)))
         except Exception as err:  # megatron-core is optional
             print(f"# megatron-core unavailable ({type(err).__name__}: {err}); skipping that baseline")
-    if build.load_cpu_extension() is not None:
+    if device.type == "cuda":
+        if build.load_cuda_extension() is not None:
+            methods.append(("ours/cuda", _ours("cuda")))
+        else:
+            print("# CUDA extension not built (nemo-entropy build-kernels): ours/cuda skipped")
+        methods.append(("ours/triton", _ours("triton")))
+    elif build.load_cpu_extension() is not None:
         methods.append(("ours/cpu", _ours("cpu")))
     else:
         print("# CPU extension not built (nemo-entropy build-kernels): ours/cpu skipped")
     methods.append(("ours/reference", _ours("reference")))
 
-    print(f"# bf16 logits, N = {args.rows} rows, {args.threads} thread(s), torch {torch.__version__}, best of {args.repeat}")
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} thread(s)"
+    print(f"# bf16 logits, N = {args.rows} rows, {where}, torch {torch.__version__}, best of {args.repeat}")
     print("# time ratio = naive time / method time (higher is faster); memory = peak extra / bf16 shard size")
     header = f"| V_local | mode | method | time (s) | speed-up vs naive | peak extra (MiB) | extra / shard |"
     print(header)
     print("|" + "---|" * 7)
     for width in args.widths:
         gen = torch.Generator().manual_seed(width)
-        logits = (torch.randn(args.rows, width, generator=gen) * 2).to(torch.bfloat16)
-        targets = torch.randint(0, width, (args.rows,), generator=gen)
+        logits = (torch.randn(args.rows, width, generator=gen) * 2).to(device=device, dtype=torch.bfloat16)
+        targets = torch.randint(0, width, (args.rows,), generator=gen).to(device)
         shard_bytes = logits.numel() * logits.element_size()
         for mode in ("fwd", "fwd+bwd"):
             naive_time = None
