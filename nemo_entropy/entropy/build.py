@@ -276,7 +276,7 @@ def main(argv: Sequence[str]) -> int:
         print(f"build-kernels: CPU extension ready ({mod.__file__}, {time.perf_counter() - started:.0f} s)")
     except Exception as err:  # the compiler's error is the message the user needs
         print(f"build-kernels: CPU extension NOT built: {type(err).__name__}: {err}\n"
-              f"  (needs a C++17 compiler and ninja; the package falls back to the PyTorch reference)",
+              f"  (needs a C++ compiler and ninja; the package falls back to the PyTorch reference)",
               file=sys.stderr)
         status = 1
 
