@@ -127,11 +127,15 @@ say "job $JOB_ID (restart $RESTART_COUNT), config $CONFIG_NAME, logs in $LOG_DIR
 
 # Logs of this job go to logs/<jobid>/ unless the user chose a log_dir: the trainer's metrics
 # land next to the launcher's own logs, and a requeued run (same job id) appends to them.
-user_log_dir=0
-for o in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do
-    if [[ $o =~ ^\+{0,2}logger\.log_dir= ]]; then user_log_dir=1; fi
-done
-if [[ $user_log_dir == 0 ]]; then OVERRIDES+=("logger.log_dir=$LOG_DIR"); fi
+# True when the user's overrides set KEY (key=, +key= or ++key=).
+has_override() {
+    local key=$1 o
+    for o in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do
+        if [[ ${o#"${o%%[!+]*}"} == "$key="* ]]; then return 0; fi
+    done
+    return 1
+}
+if ! has_override logger.log_dir; then OVERRIDES+=("logger.log_dir=$LOG_DIR"); fi
 
 # ---------------------------------------------------------------------------------------------
 # Validation, part 1: what the host shell can see
@@ -315,6 +319,36 @@ node_address() {
 }
 HEAD_ADDR=$(node_address "$HEAD_NODE")
 
+# Seconds in a Slurm duration ([D-]HH:MM:SS, MM:SS or SS); empty for UNLIMITED / NOT_SET.
+slurm_duration_seconds() {
+    local text=$1 days=0 h=0 m=0 s=0
+    [[ $text =~ ^([0-9]+-)?[0-9:]+$ ]] || return 0
+    if [[ $text == *-* ]]; then days=${text%%-*}; text=${text#*-}; fi
+    IFS=: read -r -a parts <<<"$text"
+    case ${#parts[@]} in
+        3) h=${parts[0]} m=${parts[1]} s=${parts[2]} ;;
+        2) m=${parts[0]} s=${parts[1]} ;;
+        1) s=${parts[0]} ;;
+    esac
+    echo $((10#$days * 86400 + 10#$h * 3600 + 10#$m * 60 + 10#$s))
+}
+
+# NeMo-RL stops on its own clock, not on a signal: with checkpointing.checkpoint_must_save_by it
+# saves and returns once that much time has passed (fitting the last save in). Point it at the
+# job's time left minus the pre-emption margin, so the save lands where USR1 would have asked for it.
+SAVE_MARGIN=${NEMO_ENTROPY_SAVE_MARGIN:-600}
+NEMO_RL_SAVE_BY=""
+if [[ $NE_BACKEND == nemo_rl && $NE_CHECKPOINTING_ENABLED == 1 && $IN_ALLOCATION == 1 ]] \
+    && ! has_override checkpointing.checkpoint_must_save_by; then
+    time_left=$(slurm_duration_seconds "$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null)")
+    if [[ -n $time_left ]] && ((time_left > SAVE_MARGIN)); then
+        budget=$((time_left - SAVE_MARGIN))
+        NEMO_RL_SAVE_BY=$(printf '%02d:%02d:%02d:%02d' $((budget / 86400)) $((budget % 86400 / 3600)) $((budget % 3600 / 60)) $((budget % 60)))
+        OVERRIDES+=("++checkpointing.checkpoint_must_save_by=$NEMO_RL_SAVE_BY")
+        say "NeMo-RL saves and stops after $NEMO_RL_SAVE_BY (time left ${time_left}s - margin ${SAVE_MARGIN}s); the job then requeues"
+    fi
+fi
+
 TRAIN_ARGS=(-m "$TRAIN_MODULE" --config-dir "$CONFIG_DIR" --config-name "$CONFIG_NAME" "${OVERRIDES[@]}")
 # One srun step per role. --overlap: steps of one job may share nodes (the Ray driver runs
 # next to the Ray head). --kill-on-bad-exit=0: a rank exiting 3 must not get its peers killed
@@ -359,7 +393,9 @@ launch_nemo_rl() {
     head_ports=$(ray_ports 0)
     worker_ports=$(ray_ports 1)
 
-    local head_cmd="ray stop >/dev/null 2>&1 || true; exec ray start --head --disable-usage-stats --block \
+    # No `ray stop` first: Slurm kills a job's processes when it ends, and on a test cluster whose
+    # "nodes" share one host it would kill the other node's Ray.
+    local head_cmd="exec ray start --head --disable-usage-stats --block \
 --node-ip-address=$HEAD_ADDR --port=$gcs_port --num-gpus=$NE_GPUS_PER_NODE \
 --resources='{\"nemo_entropy_slurm\": 1}' $head_ports"
     run_bg "${SRUN[@]}" --nodes=1 --ntasks=1 --nodelist="$HEAD_NODE" --output="$LOG_DIR/ray-head.log" --open-mode=append \
@@ -368,7 +404,7 @@ launch_nemo_rl() {
 
     if ((NUM_NODES > 1)); then
         # Workers race the head's GCS: `ray start --address` fails until it listens, so retry.
-        local worker_cmd="ray stop >/dev/null 2>&1 || true; for attempt in \$(seq 60); do \
+        local worker_cmd="for attempt in \$(seq 60); do \
 ray start --address=$HEAD_ADDR:$gcs_port --disable-usage-stats --block --num-gpus=$NE_GPUS_PER_NODE \
 --resources='{\"nemo_entropy_slurm\": 1}' $worker_ports && exit 0; sleep 5; done; exit 1"
         run_bg "${SRUN[@]}" --nodes=$((NUM_NODES - 1)) --ntasks=$((NUM_NODES - 1)) --ntasks-per-node=1 \
@@ -412,6 +448,11 @@ rc=0
 wait_for_exit "$TRAIN_PID" || rc=$?
 stop_ray
 
+# NeMo-RL's own time-based stop exits 0; its message in the driver log tells it from the end of training.
+if [[ $rc == 0 && -n $NEMO_RL_SAVE_BY ]] && grep -q 'Timeout has been reached, stopping training early' "$LOG_DIR/driver.log" 2>/dev/null; then
+    say "NeMo-RL saved a checkpoint at its time budget ($NEMO_RL_SAVE_BY) and stopped early"
+    rc=$REQUEUE_EXIT_CODE
+fi
 if [[ $rc == "$REQUEUE_EXIT_CODE" ]]; then
     say "trainer checkpointed and asked to be requeued (exit $rc): scontrol requeue $JOB_ID"
     run scontrol requeue "$JOB_ID"
