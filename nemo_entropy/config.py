@@ -204,6 +204,14 @@ def _validate(cfg: LossConfig) -> None:
             f"loss_fn.method={cfg.method!r} needs the PPO ratio: it is incompatible with "
             f"disable_ppo_ratio={cfg.disable_ppo_ratio} / use_cispo={cfg.use_cispo}"
         )
+    if cfg.truncated_importance_sampling_type is None and (
+            cfg.truncated_importance_sampling_ratio is not None or cfg.truncated_importance_sampling_ratio_min is not None):
+        # A ratio with no type would do nothing here; NeMo-RL <= v0.5 had no type key and meant 'tis'.
+        raise ValueError(
+            f"loss_fn.truncated_importance_sampling_ratio={cfg.truncated_importance_sampling_ratio!r} is set but "
+            f"loss_fn.truncated_importance_sampling_type is null: set it to one of {TIS_TYPES} "
+            "('tis' is what NeMo-RL <= v0.5 did)"
+        )
     if cfg.truncated_importance_sampling_type is not None:
         if not cfg.use_importance_sampling_correction:
             raise ValueError(

@@ -91,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     overlap = f"{int((chosen & exact).sum()) / max(1, int(exact.sum())):.1%}"
                 sel_cov = float(scores[chosen].mean()) if chosen.any() else float("nan")
             print(f"{method:<9} {scope:<10} {n_sel:>9} {metrics_sum['selected_fraction']:>10.5f} {sel_cov:>9.3f} "
-                  f"{metrics_sum['approx_entropy']:>14.4f} {total:>9.4f} {overlap:>17}")
+                  f"{metrics_sum['entropy_proxy']:>14.4f} {total:>9.4f} {overlap:>17}")
     print("\nselected covariance: mean batch-scope covariance score of the selected tokens (the high-covariance "
           "tokens that drive entropy collapse); overlap: share of the exact batch top-k the reference's "
           "per-micro-batch selection also picks.")

@@ -51,6 +51,8 @@ def test_paper_recipes_validate(name):
         ({"truncated_importance_sampling_type": "tis", "truncated_importance_sampling_ratio": 2.0},
          "truncated_importance_sampling_type", "use_importance_sampling_correction"),
         ({"method": "kl_cov", "disable_ppo_ratio": True}, "method", "needs the PPO ratio"),
+        ({"use_importance_sampling_correction": True, "truncated_importance_sampling_ratio": 2.0},
+         "truncated_importance_sampling_ratio", "type is null"),
     ],
 )
 def test_bad_values_raise_one_error_naming_the_key(mapping, key, fragment):

@@ -156,7 +156,7 @@ def test_micro_batch_losses_sum_to_the_batch_loss(token_level):
             summed[key] = summed.get(key, 0.0) + value if not key.endswith(("_min", "_max")) else value
     assert total == pytest.approx(float(full), rel=1e-5)
     for key in ("clip_fraction", "selected_fraction", "kl_to_old", "ratio_mean", "cov_mean", "cov_selected_mean",
-                "approx_entropy", "num_valid_tokens"):
+                "entropy_proxy", "num_valid_tokens"):
         assert summed[key] == pytest.approx(full_metrics[key], rel=1e-5, abs=1e-7), key
 
 

@@ -221,7 +221,7 @@ class EntropyControlLossFn:
             "probs_ratio_clamped_min": "none", "probs_ratio_clamped_max": "none",
             "num_valid_samples": "none", "num_valid_tokens": "none",
             "entropy": "tokens", "clip_fraction": "tokens", "selected_fraction": "tokens",
-            "kl_to_old": "tokens", "ratio_mean": "tokens", "cov_mean": "tokens",
+            "kl_to_old": "tokens", "ratio_mean": "tokens", "cov_mean": "tokens", "entropy_proxy": "tokens",
             "cov_selected_mean": "none",
             **regularizers.metric_normalizations(self.config),
         }

@@ -287,7 +287,7 @@ def policy_loss(
         bool_mask.sum().float(),
     ]).tolist()
     names = ["loss", "clip_fraction", "selected_fraction", "kl_to_old", "ratio_mean", "cov_mean",
-             "cov_selected_mean", "approx_entropy", "ratio_min", "ratio_max", "num_valid_tokens"]
+             "cov_selected_mean", "entropy_proxy", "ratio_min", "ratio_max", "num_valid_tokens"]
     metrics = dict(zip(names, summed))
     metrics.update({k: (float(v) if torch.is_tensor(v) else v) for k, v in extra_metrics.items()})
     return loss, metrics
