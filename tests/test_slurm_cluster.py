@@ -32,8 +32,12 @@ TINY = ["+preset=local_tiny", "cluster.num_nodes=2", "engine.progress_bar=false"
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
 
+# The daemons live in /usr/sbin, which a non-login root shell (CI) may not have on PATH.
+SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+
+
 def missing_tools() -> list[str]:
-    return [tool for tool in TOOLS if shutil.which(tool) is None]
+    return [tool for tool in TOOLS if shutil.which(tool, path=SEARCH_PATH) is None]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,7 @@ def slurm_env():
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     for key in ("CONTAINER", "MOUNTS", "NEMO_ENTROPY_PYTHON", "NEMO_ENTROPY_CONF_DIR", "DRY_RUN"):
         env.pop(key, None)
-    env.update(SLURM_CONF=conf, OMP_NUM_THREADS="1")
+    env.update(SLURM_CONF=conf, OMP_NUM_THREADS="1", PATH=SEARCH_PATH)
     yield env
     subprocess.run(["bash", str(CLUSTER_SH), "stop"], capture_output=True, text=True, timeout=120)
 

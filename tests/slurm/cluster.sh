@@ -19,6 +19,8 @@ ctld_port=${NEMO_ENTROPY_SLURMCTLD_PORT:-16817}
 slurmd_port_first=${NEMO_ENTROPY_SLURMD_PORT:-17001}
 nodes=(n1 n2)
 export SLURM_CONF=$state/slurm.conf
+# The daemons live in /usr/sbin, which a non-login root shell (CI) may not have on PATH.
+export PATH=$PATH:/usr/sbin:/sbin
 
 say() { echo "cluster.sh: $*" >&2; }
 die() { say "$*"; exit 1; }
