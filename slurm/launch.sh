@@ -289,8 +289,11 @@ request_checkpoint() {
     mkdir -p "$(dirname "$PREEMPT_FILE")"
     echo "$signal $(date +%s)" >"$PREEMPT_FILE"
 }
+# TERM comes from scancel or the hard time limit: the trainer still saves, but the job is not
+# requeued (a cancelled job must stay cancelled).
+TERMINATED=0
 trap 'request_checkpoint USR1' USR1
-trap 'request_checkpoint TERM' TERM
+trap 'TERMINATED=1; request_checkpoint TERM' TERM
 
 # Waits for a background pid; a trapped signal interrupts `wait`, so wait again until it exits.
 wait_for_exit() {
@@ -299,8 +302,13 @@ wait_for_exit() {
         rc=0
         wait "$pid" || rc=$?
         if ! kill -0 "$pid" 2>/dev/null; then
-            # The last `wait` after the process exited returns its status; one more makes sure.
-            if [[ $rc -gt 128 ]]; then wait "$pid" 2>/dev/null || rc=$?; fi
+            # A status > 128 is either a trap interrupting `wait` just before the exit (then one more
+            # `wait` returns the real status) or a death by signal (then that `wait` says 127).
+            if [[ $rc -gt 128 ]]; then
+                local again=0
+                wait "$pid" 2>/dev/null || again=$?
+                if [[ $again != 127 ]]; then rc=$again; fi
+            fi
             return "$rc"
         fi
     done
@@ -452,6 +460,10 @@ stop_ray
 if [[ $rc == 0 && -n $NEMO_RL_SAVE_BY ]] && grep -q 'Timeout has been reached, stopping training early' "$LOG_DIR/driver.log" 2>/dev/null; then
     say "NeMo-RL saved a checkpoint at its time budget ($NEMO_RL_SAVE_BY) and stopped early"
     rc=$REQUEUE_EXIT_CODE
+fi
+if [[ $rc == "$REQUEUE_EXIT_CODE" && $TERMINATED == 1 ]]; then
+    say "trainer checkpointed after SIGTERM (scancel or the time limit): not requeued; resubmit to resume"
+    exit 0
 fi
 if [[ $rc == "$REQUEUE_EXIT_CODE" ]]; then
     say "trainer checkpointed and asked to be requeued (exit $rc): scontrol requeue $JOB_ID"
