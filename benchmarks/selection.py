@@ -20,26 +20,8 @@ import time
 import torch
 
 from nemo_entropy.config import loss_config
-from nemo_entropy.selection import select_tokens, token_uids_for
-
-
-def synthetic_step(prompts: int, responses: int, max_len: int, seed: int = 0):
-    """A GRPO-like step: group-normalised binary rewards, variable lengths, heavy-tailed log-probs."""
-    gen = torch.Generator().manual_seed(seed)
-    batch = prompts * responses
-    lengths = torch.randint(max_len // 8, max_len + 1, (batch,), generator=gen)
-    mask = torch.arange(max_len)[None, :] < lengths[:, None]
-    # Most tokens are confident; a few are "forking" tokens with low probability.
-    confident = -torch.empty(batch, max_len).exponential_(1 / 0.05, generator=gen)
-    forking = -torch.empty(batch, max_len).exponential_(1 / 2.5, generator=gen)
-    is_fork = torch.rand(batch, max_len, generator=gen) < 0.08
-    logprobs = torch.where(is_fork, forking, confident)
-    p_correct = torch.rand(prompts, 1, generator=gen)
-    rewards = (torch.rand(prompts, responses, generator=gen) < p_correct).float()
-    adv = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)
-    adv = adv.reshape(batch, 1).expand(batch, max_len).contiguous()
-    uids = token_uids_for(torch.arange(batch), max_len)
-    return logprobs, adv, mask, uids
+from nemo_entropy.demo import synthetic_batch
+from nemo_entropy.selection import select_tokens
 
 
 def reference_per_call(logprobs, adv, mask, ratio, micro_batch):
@@ -80,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    logprobs, adv, mask, uids = synthetic_step(args.prompts, args.responses, args.max_len)
+    _, logprobs, adv, mask, uids = synthetic_batch(args.prompts, args.responses, args.max_len)
     n = int(mask.sum())
     print(f"synthetic step: {args.prompts} prompts x {args.responses} responses, {n:,} valid tokens")
     print()
