@@ -283,8 +283,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if plain["backend"] == "local":
         from .engine import run_local
 
-        result = run_local(cfg)
-        print(f"# done: {result}")
+        result = run_local(cfg) or {}
+        # run_local already printed where everything is; one summary line for logs and scripts.
+        print(f"# done: {result.get('steps', '?')} steps, outputs in {result.get('log_dir', '?')}")
         return 0
     try:
         return run_nemo_rl(plain, loss, args.config_name)
