@@ -47,24 +47,16 @@ def _make(name: str, device: torch.device, *, explicit: bool):
     """Instantiate backend ``name`` for ``device``; ``None`` if unavailable (raises when ``explicit``)."""
     if name == "reference":
         return _REFERENCE
-    if name == "cpu":
-        if device.type != "cpu":
-            raise ValueError(f"backend='cpu' needs CPU tensors, got logits on {device}")
-        module = build.load_cpu_extension(build_if_missing=explicit or build.build_requested_by_env())
+    if name in ("cpu", "cuda"):  # the two builds of kernels/entropy_row.h
+        if device.type != name:
+            raise ValueError(f"backend={name!r} needs {name.upper()} tensors, got logits on {device}")
+        loader = build.load_cpu_extension if name == "cpu" else build.load_cuda_extension
+        module = loader(build_if_missing=explicit or build.build_requested_by_env())
         if module is None:
             return None
         from .compiled import ExtensionBackend
 
-        return ExtensionBackend("cpu", module)
-    if name == "cuda":
-        if device.type != "cuda":
-            raise ValueError(f"backend='cuda' needs CUDA tensors, got logits on {device}")
-        module = build.load_cuda_extension(build_if_missing=explicit or build.build_requested_by_env())
-        if module is None:
-            return None
-        from .compiled import ExtensionBackend
-
-        return ExtensionBackend("cuda", module)
+        return ExtensionBackend(name, module)
     if name == "triton":
         interpret = os.environ.get("TRITON_INTERPRET", "") == "1"
         if device.type != "cuda" and not interpret:
