@@ -103,6 +103,13 @@ def _scenario(rank, world_size):
         results["nan"] = None
     except ValueError as err:
         results["nan"] = str(err)
+    # The same in policy_loss when it has to compute counts and the selection itself: all ranks raise.
+    try:
+        policy_loss(loss_config(CONFIGS[0]), cur[mine], old[mine], adv[mine], mask[mine], token_uids=uids[mine],
+                    groups=dist.group.WORLD)
+        results["nan_loss"] = None
+    except ValueError as err:
+        results["nan_loss"] = str(err)
     return results
 
 
@@ -147,6 +154,9 @@ def test_selection_and_loss_do_not_depend_on_the_layout():
     assert checked == sum(len(s) for s in replica_sets.values()) * len(CONFIGS) * len(MICRO_BATCH_SIZES)
     for out in per_rank:
         assert out["nan"] is not None and "advantages have NaN or inf" in out["nan"] and "ranks [2]" in out["nan"]
+    for rank, out in enumerate(per_rank):
+        expected = "advantages has 1 non-finite" if rank == 2 else "1 other rank(s) of the token group rejected"
+        assert out["nan_loss"] is not None and expected in out["nan_loss"], out["nan_loss"]
     # TP replicas (ranks 0 and 1 in dp2xtp2) hold the same tokens and must agree bit for bit.
     for i in range(len(CONFIGS)):
         assert torch.equal(per_rank[0][("dp2xtp2", i)]["selected"], per_rank[1][("dp2xtp2", i)]["selected"])

@@ -212,10 +212,30 @@ def policy_loss(
         micro-batches and DP ranks gives the batch value, except ``*_min`` / ``*_max``.
     """
     config = config if isinstance(config, LossConfig) else loss_config(config)
-    bool_mask = validate_token_inputs(
-        mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, token_uids=token_uids,
-        reference_logprobs=reference_logprobs, generation_logprobs=generation_logprobs,
-    )
+    g = as_groups(groups)
+    # Collectives happen here only when the caller leaves counts, scores or the batch selection to us. Then
+    # every rank must agree that the inputs are valid before entering them, or one rank's error would leave
+    # the others waiting in a collective.
+    issues_collectives = g.token_world_size > 1 and (
+        global_valid_tokens is None or global_valid_seqs is None or global_selected_tokens is None
+        or scores is None or (config.method != "ppo" and config.scope == "batch" and selected is None))
+    try:
+        bool_mask = validate_token_inputs(
+            mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, token_uids=token_uids,
+            reference_logprobs=reference_logprobs, generation_logprobs=generation_logprobs,
+        )
+        local_error = None
+    except (TypeError, ValueError) as err:
+        if not issues_collectives:
+            raise
+        local_error = err
+    if issues_collectives:
+        failed = g.token_all_reduce_sum(torch.tensor([0 if local_error is None else 1], dtype=torch.int64))
+        if local_error is not None:
+            raise local_error
+        if int(failed[0]):
+            raise ValueError(f"{int(failed[0])} other rank(s) of the token group rejected their loss inputs "
+                             "(their error says why); stopping here instead of waiting in a collective")
     if selected is not None:
         if selected.shape != bool_mask.shape or selected.dtype != torch.bool:
             raise ValueError(f"selected must be a bool tensor of shape {tuple(bool_mask.shape)}, "
@@ -223,7 +243,6 @@ def policy_loss(
         if config.scope == "microbatch" and config.method != "ppo":
             raise ValueError("loss_fn.scope='microbatch' selects per call: do not pass `selected` "
                              "(use scope='batch' for a precomputed selection)")
-    g = as_groups(groups)
     if token_uids is None:
         token_uids = torch.arange(bool_mask.numel(), device=bool_mask.device).reshape(bool_mask.shape)
 
