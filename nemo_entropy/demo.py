@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from .config import loss_config
-from .losses import policy_loss
+from .losses import accumulate_metrics, policy_loss
 from .selection import covariance_scores, select_tokens, token_uids_for
 
 
@@ -70,8 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     selected=None if selected is None else selected[part], scores=scores[part],
                     global_valid_tokens=gvt, global_valid_seqs=gvs, token_uids=uids[part])
                 total += float(loss)
-                for key, value in metrics.items():
-                    metrics_sum[key] = metrics_sum.get(key, 0.0) + value
+                accumulate_metrics(metrics_sum, metrics)
             if scope == "batch":
                 exact = selected
             n_sel = round(metrics_sum["selected_fraction"] * n)

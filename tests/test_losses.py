@@ -204,3 +204,13 @@ def test_bad_inputs_to_the_loss_raise():
     with pytest.raises(ValueError, match="do not pass `selected`"):
         policy_loss(loss_config(dict(scope="microbatch")), cur.float(), old.float(), adv.float(), mask,
                     selected=mask)
+
+
+def test_accumulate_metrics_sums_and_takes_extrema():
+    from nemo_entropy.losses import accumulate_metrics
+
+    parts = [{"loss": 0.5, "ratio_min": 0.9, "ratio_max": 1.1}, {"loss": 0.25, "ratio_min": 0.7, "ratio_max": 1.3}]
+    total = {}
+    for part in parts:
+        accumulate_metrics(total, part, divisor=4.0)
+    assert total == {"loss": (0.5 + 0.25) / 4.0, "ratio_min": 0.7, "ratio_max": 1.3}

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from nemo_entropy.config import loss_config
-from nemo_entropy.losses import policy_loss
+from nemo_entropy.losses import accumulate_metrics, metric_reduction, policy_loss
 from nemo_entropy.parallel import (
     ParallelGroups,
     ProcessGroup,
@@ -93,16 +93,6 @@ def build_layout(tp_size: int) -> Layout:
         tp_group = tp_groups[rank // tp_size] if tp_size > 1 else None
         dp_group = dp_groups[rank % tp_size] if dp > 1 else None
     return Layout(rank, world, rank // tp_size, dp, rank % tp_size, tp_size, world_group(), dp_group, tp_group)
-
-
-def _sum_metrics(into: dict[str, float], metrics: dict[str, float]) -> None:
-    for key, value in metrics.items():
-        if key.endswith("_min"):
-            into[key] = min(into.get(key, float("inf")), value)
-        elif key.endswith("_max"):
-            into[key] = max(into.get(key, float("-inf")), value)
-        else:
-            into[key] = into.get(key, 0.0) + value
 
 
 class GRPOTrainer:
@@ -264,20 +254,14 @@ class GRPOTrainer:
                     groups=groups, token_uids=uids[local], step=self.optimizer_step,
                 )
                 loss.backward()
-                _sum_metrics(step_metrics, metrics)
+                accumulate_metrics(step_metrics, metrics)
             grad_norms.append(self._all_reduce_grads())
             self.optimizer.step()
             self.optimizer_step += 1
             step_metrics = self._reduce_over_dp(step_metrics)
             step_metrics.pop("num_valid_tokens", None)
             selected_counts.append(float(gsel) if selected is not None else step_metrics.get("selected_fraction", 0.0) * float(gvt))
-            for key, value in step_metrics.items():
-                if key.endswith("_min"):
-                    totals[key] = min(totals.get(key, float("inf")), value)
-                elif key.endswith("_max"):
-                    totals[key] = max(totals.get(key, float("-inf")), value)
-                else:
-                    totals[key] = totals.get(key, 0.0) + value / self.s.optimizer_steps_per_rollout
+            accumulate_metrics(totals, step_metrics, divisor=self.s.optimizer_steps_per_rollout)
         totals["grad_norm"] = sum(grad_norms) / len(grad_norms)
         totals["selected_tokens"] = sum(selected_counts)
         totals["optimizer_steps"] = float(self.s.optimizer_steps_per_rollout)
@@ -294,7 +278,7 @@ class GRPOTrainer:
         keys = sorted(metrics)
         out = {}
         for kind in ("sum", "min", "max"):
-            chosen = [k for k in keys if (k.endswith("_" + kind) if kind != "sum" else not k.endswith(("_min", "_max")))]
+            chosen = [k for k in keys if metric_reduction(k) == kind]
             if not chosen:
                 continue
             values = torch.tensor([metrics[k] for k in chosen], dtype=torch.float64)

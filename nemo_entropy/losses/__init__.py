@@ -9,6 +9,7 @@ global count so that *summing* over micro-batches and ranks yields the batch val
 ``*_min`` / ``*_max`` and are combined with min / max instead.
 """
 
+from .metrics import accumulate_metrics, metric_reduction
 from .policy import policy_loss, per_token_policy_loss, reduce_per_token
 
-__all__ = ["policy_loss", "per_token_policy_loss", "reduce_per_token"]
+__all__ = ["policy_loss", "per_token_policy_loss", "reduce_per_token", "accumulate_metrics", "metric_reduction"]
