@@ -32,6 +32,7 @@ from .parallel import GroupsLike, ParallelGroups, as_groups
 __all__ = [
     "covariance_scores",
     "select_tokens",
+    "select_tokens_with_scores",
     "select_top_covariance",
     "select_clip_cov",
     "selection_quota",
@@ -341,20 +342,49 @@ def select_tokens(
     ``N`` is the number of valid tokens over the whole group. The mask is bit-identical for any split of
     the same tokens over ranks and micro-batches.
     """
+    if config.method == "ppo":  # nothing to select: no statistics, no collective (every rank agrees)
+        return torch.zeros_like(validate_token_inputs(mask, check_finite=False, logprobs=logprobs,
+                                                      advantages=advantages, token_uids=token_uids))
+    return _select(config, logprobs, advantages, mask, token_uids, step, groups, with_scores=False)[0]
+
+
+def select_tokens_with_scores(
+    config: LossConfig,
+    logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    token_uids: torch.Tensor,
+    step: int,
+    groups: GroupsLike = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(select_tokens(...), covariance_scores(...))`` from one pass: one compaction, one all-reduce.
+
+    The scores are bit-identical to :func:`covariance_scores` (same exact means, same elementwise math);
+    callers that log covariance metrics next to the selection (the engine, the NeMo-RL driver wrapper) need
+    both. For ``method: ppo`` the mask is all False and the scores are still computed.
+    """
+    return _select(config, logprobs, advantages, mask, token_uids, step, groups, with_scores=True)
+
+
+def _select(config, logprobs, advantages, mask, token_uids, step, groups, *, with_scores):
     bool_mask = validate_token_inputs(mask, check_finite=False, logprobs=logprobs, advantages=advantages,
                                       token_uids=token_uids)
     g = as_groups(groups)
-    if config.method == "ppo":
-        return torch.zeros_like(bool_mask)
-    # Work on the valid tokens only (one nonzero, three gathers), scatter the answer back at the end.
+    # Work on the valid tokens only (one nonzero, three gathers), scatter the answers back at the end.
     valid = bool_mask.reshape(-1).nonzero().squeeze(1)
     lp, adv, uids = (t.reshape(-1).index_select(0, valid) for t in (logprobs, advantages, token_uids))
     n, mean_l, mean_x = global_token_stats(lp, adv, None, g, form=config.cov_form)
     chosen = torch.zeros_like(bool_mask)
+    full_scores = torch.zeros(bool_mask.shape, dtype=torch.float32, device=bool_mask.device) if with_scores else None
     if n == 0:  # agreed by every rank: nobody enters the all-gather
-        return chosen
+        return chosen, full_scores
     everything = torch.ones_like(uids, dtype=torch.bool)
     scores = _scores_from_means(lp, adv, everything, mean_l, mean_x, config.cov_form)
+    if with_scores:
+        full_scores.view(-1)[valid] = scores
+    if config.method == "ppo":
+        return chosen, full_scores
     k = selection_quota(config.selection_ratio, n)
     if config.method == "kl_cov":
         picked = _distributed_top_k(scores, uids, everything, k, g)
@@ -362,4 +392,4 @@ def select_tokens(
         candidates = (scores > config.clip_cov_lb) & (scores < config.clip_cov_ub)
         picked = select_clip_cov(candidates, uids, k, seed=config.seed, step=step, groups=g)
     chosen.view(-1)[valid[picked]] = True
-    return chosen
+    return chosen, full_scores

@@ -170,3 +170,16 @@ def test_non_finite_values_on_masked_tokens_are_allowed():
     lp = lp.masked_fill(~mask, float("-inf"))
     chosen = select_tokens(loss_config({}), lp, adv, mask, token_uids=uids, step=0)
     assert int(chosen.sum()) == max(1, int(int(mask.sum()) * 2e-3))
+
+
+@pytest.mark.parametrize("method", ["ppo", "kl_cov", "clip_cov"])
+@pytest.mark.parametrize("form", ["natural", "vanilla"])
+def test_select_tokens_with_scores_equals_the_two_separate_calls(method, form):
+    from nemo_entropy.selection import select_tokens_with_scores
+
+    lp, adv, mask, uids = _batch(seed=9)
+    cfg = loss_config({"method": method, "cov_form": form, "kl_cov_ratio": 0.05, "clip_cov_ratio": 0.05,
+                       "clip_cov_lb": 0.0})
+    chosen, scores = select_tokens_with_scores(cfg, lp, adv, mask, token_uids=uids, step=4)
+    assert torch.equal(chosen, select_tokens(cfg, lp, adv, mask, token_uids=uids, step=4))
+    assert torch.equal(scores, covariance_scores(lp, adv, mask, form=form))  # bit for bit

@@ -38,7 +38,7 @@ from nemo_entropy.parallel import (
     world_group,
     world_rank_and_size,
 )
-from nemo_entropy.selection import covariance_scores, select_tokens
+from nemo_entropy.selection import covariance_scores, select_tokens_with_scores
 
 from .checkpoint import latest_complete_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog, entropy_summary, write_run_info
@@ -230,10 +230,10 @@ class GRPOTrainer:
             adv = rollout.advantages[rows, None].expand(-1, length).contiguous()
             uids = rollout.sample_ids[rows, None] * length + torch.arange(length)
             if cfg.method != "ppo" and cfg.scope == "batch":
-                selected = select_tokens(cfg, old, adv, mask, token_uids=uids, step=self.optimizer_step, groups=groups)
+                selected, scores = select_tokens_with_scores(cfg, old, adv, mask, token_uids=uids,
+                                                             step=self.optimizer_step, groups=groups)
             else:
-                selected = None
-            scores = covariance_scores(old, adv, mask, groups=groups, form=cfg.cov_form)
+                selected, scores = None, covariance_scores(old, adv, mask, groups=groups, form=cfg.cov_form)
             local_counts = torch.stack([
                 mask.sum(), mask.any(-1).sum(), (selected & mask).sum() if selected is not None else torch.tensor(0),
             ]).to(torch.float64)

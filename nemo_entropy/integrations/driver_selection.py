@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from ..config import LossConfig
-from ..selection import covariance_scores, select_tokens, token_uids_for
+from ..selection import select_tokens_with_scores, token_uids_for
 from . import batch_keys
 
 __all__ = ["attach_batch_selection", "BatchSelectionPolicy", "optimizer_step_slices"]
@@ -72,8 +72,8 @@ def attach_batch_selection(
         mask = (token_mask[rows, 1:] * sample_mask[rows].unsqueeze(-1)) != 0
         old = torch.where(mask, train_data["prev_logprobs"][rows, 1:].float(), torch.zeros(()))
         adv = torch.where(mask, train_data["advantages"][rows, 1:].float(), torch.zeros(()))
-        selected = select_tokens(config, old, adv, mask, token_uids=uids[rows, 1:].contiguous(), step=step)
-        scores = covariance_scores(old, adv, mask, form=config.cov_form)
+        selected, scores = select_tokens_with_scores(config, old, adv, mask, token_uids=uids[rows, 1:].contiguous(),
+                                                     step=step)
         selected_full[rows, 1:] = selected.float()
         scores_full[rows, 1:] = scores.float()
         selected_count[rows] = float(selected.sum())

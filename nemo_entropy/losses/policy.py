@@ -20,7 +20,7 @@ from ..parallel import GroupsLike, as_groups
 from ..selection import (
     covariance_scores,
     select_clip_cov,
-    select_tokens,
+    select_tokens_with_scores,
     select_top_covariance,
     selection_quota,
     validate_token_inputs,
@@ -258,7 +258,9 @@ def policy_loss(
                                                       token_uids, step)
         scores = per_call_scores if scores is None else scores
     elif selected is None:
-        chosen = select_tokens(config, old_logprobs, advantages, bool_mask, token_uids=token_uids, step=step, groups=g)
+        chosen, step_scores = select_tokens_with_scores(config, old_logprobs, advantages, bool_mask,
+                                                        token_uids=token_uids, step=step, groups=g)
+        scores = step_scores if scores is None else scores
     else:
         chosen = selected & bool_mask
     if scores is None:
