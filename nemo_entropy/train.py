@@ -16,8 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
-import inspect
 import os
 import shlex
 import sys
@@ -29,8 +27,6 @@ __all__ = ["main", "compose_config", "validate_run_config", "default_config_dir"
 DEFAULT_CONFIG_NAME = "local_kl_cov"
 BACKENDS = ("local", "nemo_rl")
 REQUIRED_SECTIONS = ("grpo", "loss_fn", "policy", "logger", "checkpointing", "cluster")
-NEMO_RL_SECTION_DEFAULTS = {"root": None, "base_config": "examples/configs/grpo_math_1B.yaml",
-                            "selection": "driver", "input_type": "logprob", "log_entropy": True}
 OUR_SECTIONS = ("backend", "engine", "nemo_rl")  # never handed to NeMo-RL
 
 
@@ -126,18 +122,10 @@ def validate_run_config(cfg: Any) -> tuple[dict, Any, Any]:
                 f"grpo.num_prompts_per_step x num_generations_per_prompt = {rollout}"
             )
     if backend == "nemo_rl":
-        section = {**NEMO_RL_SECTION_DEFAULTS, **(plain.get("nemo_rl") or {})}
-        unknown = sorted(set(section) - set(NEMO_RL_SECTION_DEFAULTS))
-        if unknown:
-            raise ValueError(f"nemo_rl.{unknown[0]} is not a known key; known: {sorted(NEMO_RL_SECTION_DEFAULTS)}")
-        if section["selection"] not in ("driver", "worker"):
-            raise ValueError(f"nemo_rl.selection={section['selection']!r} is invalid: allowed 'driver' or 'worker'")
-        if section["input_type"] not in ("logprob", "logit"):
-            raise ValueError(f"nemo_rl.input_type={section['input_type']!r} is invalid: allowed 'logprob' or 'logit'")
-        if not isinstance(section["base_config"], str) or not section["base_config"].endswith((".yaml", ".yml")):
-            raise ValueError(f"nemo_rl.base_config={section['base_config']!r} is invalid: allowed a YAML path "
-                             "relative to the NeMo-RL checkout")
-        plain["nemo_rl"] = section
+        from .integrations.nemo_rl_run import check_nemo_rl_run_config, nemo_rl_options
+
+        plain["nemo_rl"] = nemo_rl_options(plain.get("nemo_rl"))
+        check_nemo_rl_run_config(plain, plain["nemo_rl"], data_parallel_size=layout.dp)
     else:
         from .engine import validate_engine_config
 
@@ -172,35 +160,15 @@ def nemo_rl_config(plain: dict) -> dict:
     return {k: v for k, v in plain.items() if k not in OUR_SECTIONS}
 
 
-def _patched_grpo_train(original, loss_config, section, steps_per_rollout):
-    """NeMo-RL's ``grpo_train`` with the policy wrapped for the driver-side selection."""
-    from .integrations.driver_selection import BatchSelectionPolicy
-
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)
-    def grpo_train(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        state = bound.arguments.get("grpo_save_state") or {}
-        first = int(state.get("current_step", 0) if hasattr(state, "get") else 0) * (steps_per_rollout or 1)
-        policy_cfg = bound.arguments["master_config"]["policy"]
-        bound.arguments["policy"] = BatchSelectionPolicy(
-            bound.arguments["policy"], loss_config, train_global_batch_size=policy_cfg["train_global_batch_size"],
-            mode=section["selection"], first_step=first,
-        )
-        return original(*bound.args, **bound.kwargs)
-
-    return grpo_train
-
-
-def run_nemo_rl(plain: dict, loss_config: Any, config_name: str) -> int:
-    """Run NeMo-RL's own GRPO example with our loss (built by its ``setup()``) and the selection wrapper."""
+def run_nemo_rl(plain: dict, config_name: str) -> int:
+    """Run NeMo-RL's own GRPO example with our loss (built by its ``setup()``) and the per-step selection wrapper
+    on every training entry (:func:`nemo_entropy.integrations.nemo_rl_run.install`)."""
     import runpy
 
     from omegaconf import OmegaConf
 
-    from .integrations.driver_selection import steps_per_rollout
-    from .integrations.nemo_rl import EntropyControlLossFn
+    from .integrations.megatron import parallel_layout
+    from .integrations.nemo_rl_run import check_nemo_rl_run_config, install
 
     nemo_rl_module, grpo = _import_nemo_rl(config_name)
     script, base = nemo_rl_paths(plain, nemo_rl_module)
@@ -210,16 +178,17 @@ def run_nemo_rl(plain: dict, loss_config: Any, config_name: str) -> int:
     from nemo_rl.utils.config import load_config  # type: ignore
 
     merged = OmegaConf.merge(load_config(str(base)), OmegaConf.create(nemo_rl_config(plain)))
+    section = plain["nemo_rl"]
+    # NeMo-RL's base config may turn on what ours left out (packing, the data plane, top-k): check the merge too,
+    # before Ray starts and any model is loaded.
+    merged_plain = OmegaConf.to_container(merged, resolve=True)
+    check_nemo_rl_run_config(merged_plain, section,
+                             data_parallel_size=parallel_layout({**merged_plain, "backend": "nemo_rl"}).dp)
     out_dir = Path(plain["logger"]["log_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     merged_path = out_dir / "nemo_rl_config.yaml"
     OmegaConf.save(merged, merged_path)
-    section = plain["nemo_rl"]
-    # NeMo-RL's setup() builds ClippedPGLossFn(cfg, ...) from its module globals: this puts ours there instead.
-    grpo.ClippedPGLossFn = functools.partial(EntropyControlLossFn, input_type=section["input_type"],
-                                             log_entropy=section["log_entropy"])
-    per_rollout = steps_per_rollout(plain["grpo"], plain["policy"])
-    grpo.grpo_train = _patched_grpo_train(grpo.grpo_train, loss_config, section, per_rollout)
+    install(grpo, section)
     print(f"[nemo-entropy] running {script} --config {merged_path}", flush=True)
     argv = sys.argv
     sys.argv = [str(script), "--config", str(merged_path)]
@@ -288,7 +257,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"# done: {result.get('steps', '?')} steps, outputs in {result.get('log_dir', '?')}")
         return 0
     try:
-        return run_nemo_rl(plain, loss, args.config_name)
+        return run_nemo_rl(plain, args.config_name)
     except NemoRLUnavailable as err:
         print(f"nemo-entropy train: {err}", file=sys.stderr)
         return 1

@@ -72,8 +72,7 @@ def test_every_config_dry_runs(name, capsys):
 
 
 def test_overrides_reach_the_resolved_config(capsys):
-    argv = ["--config-name", "grpo_32b_kl_cov", "--dry-run", "loss_fn.kl_cov_ratio=0.002", "cluster.num_nodes=8",
-            "nemo_rl.selection=worker"]
+    argv = ["--config-name", "grpo_32b_kl_cov", "--dry-run", "loss_fn.kl_cov_ratio=0.002", "cluster.num_nodes=8"]
     assert train.main(argv) == 0
     out = capsys.readouterr().out
     assert "kl_cov_ratio: 0.002" in out and "world 64 = TP 8 x PP 1 x CP 1 x DP 8" in out

@@ -14,7 +14,7 @@ packing and micro-batching, and the loss reads them.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -130,17 +130,3 @@ class BatchSelectionPolicy:
     def __getattr__(self, name: str) -> Any:
         # Only called for attributes not found on the wrapper: everything else is the policy's.
         return getattr(self.__dict__["_policy"], name)
-
-
-def wrap_policy(policy: Any, config: LossConfig, policy_cfg: Any, *, mode: str = "driver",
-                first_step: int = 0) -> BatchSelectionPolicy:
-    """:class:`BatchSelectionPolicy` from NeMo-RL's ``policy`` config section (reads train_global_batch_size)."""
-    gbs = policy_cfg["train_global_batch_size"]
-    return BatchSelectionPolicy(policy, config, train_global_batch_size=gbs, mode=mode, first_step=first_step)
-
-
-def steps_per_rollout(grpo_cfg: Any, policy_cfg: Any) -> Optional[int]:
-    """Optimizer steps per rollout: prompts x generations / train_global_batch_size (None if not whole)."""
-    total = int(grpo_cfg["num_prompts_per_step"]) * int(grpo_cfg["num_generations_per_prompt"])
-    gbs = int(policy_cfg["train_global_batch_size"])
-    return total // gbs if gbs > 0 and total % gbs == 0 else None

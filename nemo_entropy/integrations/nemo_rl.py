@@ -161,16 +161,19 @@ def _is_dtensor(x: Any) -> bool:
 
 
 def _megatron_groups() -> Optional[tuple[Any, int, Any]]:
-    """``(tp_group or None, tp_rank, cp_group or None)`` from megatron-core, if it is initialised."""
+    """``(tp_group, tp_rank, cp_group or None)`` from megatron-core, if it is initialised.
+
+    The TP group is returned even at TP = 1, as NeMo-RL's own Megatron worker passes it: NeMo-RL's
+    ``get_next_token_logprobs_from_logits`` takes its CP-aware branch only when it gets a vocab-parallel group.
+    """
     try:
         from megatron.core import parallel_state as ps
     except ImportError:
         return None
     if not ps.model_parallel_is_initialized():
         return None
-    tp = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
     cp = ps.get_context_parallel_group() if ps.get_context_parallel_world_size() > 1 else None
-    return tp, ps.get_tensor_model_parallel_rank(), cp
+    return ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank(), cp
 
 
 # ----------------------------------------------------------------------------------------------- the loss
@@ -200,6 +203,11 @@ class EntropyControlLossFn:
     ):
         if input_type not in ("logprob", "logit"):
             raise ValueError(f"nemo_rl.input_type={input_type!r} is invalid: allowed 'logprob' or 'logit'")
+        if input_type == "logit" and use_fused_linear_logprobs:
+            raise ValueError(
+                "nemo_rl.input_type='logit' is incompatible with policy.megatron_cfg.use_fused_linear_logprobs=true: "
+                "the fused model returns 2-D log-probs, not logits; use nemo_rl.input_type='logprob'"
+            )
         self.config = loss_config_from_nemo_rl(cfg)
         loss_type, input_enum, normalizer = nemo_rl_enums()
         self.loss_type = loss_type.TOKEN_LEVEL if self.config.token_level_loss else loss_type.SEQUENCE_LEVEL

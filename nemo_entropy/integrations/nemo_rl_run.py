@@ -1,0 +1,263 @@
+"""How the plugin is put into NeMo-RL's own GRPO entry: one function, :func:`install`, used by the run entry
+(``python -m nemo_entropy.train``), by the real-NeMo-RL harness and by users' own scripts.
+
+NeMo-RL has no loss registry: ``grpo.setup()`` builds ``ClippedPGLossFn(master_config.loss_fn, ...)`` from its
+module globals, and ``examples/run_grpo.py`` dispatches to a training entry (``grpo_train``, or
+``async_grpo_train`` with ``grpo.async_grpo.enabled``, or ``grpo_sync.grpo_train_sync`` with
+``data_plane.enabled``). :func:`install` therefore
+
+1. puts :class:`~nemo_entropy.integrations.nemo_rl.EntropyControlLossFn` where ``setup()`` looks for
+   ``ClippedPGLossFn``;
+2. wraps every training entry that calls ``policy.train(train_data, loss_fn)`` on the driver so that the policy it
+   receives is a :class:`~nemo_entropy.integrations.driver_selection.BatchSelectionPolicy` whose optimizer-step
+   counter continues from the save state (``total_steps`` for ``grpo_train``; ``current_step`` for
+   ``async_grpo_train``, which never advances ``total_steps``);
+3. checks, before any GPU work, the configurations the plugin cannot serve and refuses them by name
+   (:func:`check_nemo_rl_run_config`): the data plane (``grpo_train_sync`` never shows the driver the batch),
+   in-worker selection with packing or dynamic batching, LOGIT input with fused linear log-probs or top-k/top-p.
+
+NeMo-RL's interfaces come in two generations, both handled here: ``MasterConfig`` a ``TypedDict`` (<= v0.6, read
+by key) or a pydantic model (v0.7, main; read by attribute), ``GRPOSaveState`` a ``TypedDict`` (<= v0.7) or a
+dataclass (main). Nothing here imports NeMo-RL: the module objects are passed in.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, Mapping, Optional
+
+from ..config import LossConfig
+from .driver_selection import BatchSelectionPolicy
+
+__all__ = [
+    "NEMO_RL_OPTIONS",
+    "TRAINING_ENTRIES",
+    "install",
+    "nemo_rl_options",
+    "config_section",
+    "plain",
+    "save_state_counter",
+    "steps_per_rollout",
+    "check_nemo_rl_run_config",
+    "wrap_policy_for_step",
+]
+
+NEMO_RL_OPTIONS: dict[str, Any] = {
+    "root": None,
+    "base_config": "examples/configs/grpo_math_1B.yaml",
+    "selection": "driver",
+    "input_type": "logprob",
+    "log_entropy": True,
+}
+"""Our ``nemo_rl:`` section of a run config, with its defaults (docs/config_reference.md)."""
+
+TRAINING_ENTRIES: dict[str, str] = {
+    "grpo_train": "total_steps",
+    "async_grpo_train": "current_step",
+}
+"""NeMo-RL training entries that call ``policy.train`` on the driver -> the save-state field that counts their
+GRPO steps through a whole run (``current_step`` of ``grpo_train`` restarts at every epoch)."""
+
+REQUIRED_ENTRY_PARAMETERS = ("policy", "loss_fn", "grpo_save_state", "master_config")
+
+_WRAPPED = "__nemo_entropy_wrapped__"
+
+
+# ----------------------------------------------------------------------------------------------- config access
+def plain(value: Any) -> Any:
+    """A plain dict from a pydantic model, an OmegaConf node or a mapping (anything else is returned as is)."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump()
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(value, DictConfig):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a core dependency
+        pass
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value
+
+
+def config_section(master_config: Any, name: str, default: Any = None) -> Any:
+    """Section ``name`` of NeMo-RL's master config as a plain dict: by key (``TypedDict``/dict, <= v0.6) or by
+    attribute (pydantic ``MasterConfig``, v0.7 and main)."""
+    if isinstance(master_config, Mapping):
+        value = master_config.get(name, default)
+    else:
+        value = getattr(master_config, name, default)
+    return default if value is None else plain(value)
+
+
+def save_state_counter(state: Any, field: str) -> int:
+    """``field`` of NeMo-RL's ``GRPOSaveState``: a dataclass (main) or a ``TypedDict`` (<= v0.7); 0 when there is
+    no state (a fresh run)."""
+    if state is None:
+        return 0
+    present = field in state if isinstance(state, Mapping) else hasattr(state, field)
+    if not present:
+        raise TypeError(f"NeMo-RL's grpo_save_state ({type(state).__name__}) has no field {field!r}: this NeMo-RL is "
+                        "not supported (run `nemo-entropy check-nemo-rl`)")
+    value = state[field] if isinstance(state, Mapping) else getattr(state, field)
+    return int(value or 0)
+
+
+def steps_per_rollout(grpo_cfg: Mapping[str, Any], policy_cfg: Mapping[str, Any]) -> int:
+    """Optimizer steps per GRPO step: ``num_prompts_per_step x num_generations_per_prompt /
+    train_global_batch_size``; raises naming the keys when it is not a whole number."""
+    total = int(grpo_cfg["num_prompts_per_step"]) * int(grpo_cfg["num_generations_per_prompt"])
+    gbs = int(policy_cfg["train_global_batch_size"])
+    if gbs <= 0 or total % gbs:
+        raise ValueError(
+            f"grpo.num_prompts_per_step x grpo.num_generations_per_prompt = {total} is not a multiple of "
+            f"policy.train_global_batch_size={gbs}: NeMo-RL could not split a rollout into whole optimizer steps"
+        )
+    return total // gbs
+
+
+def nemo_rl_options(options: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """Our ``nemo_rl:`` section with defaults filled in, validated (errors name the key)."""
+    merged = {**NEMO_RL_OPTIONS, **(dict(options) if options else {})}
+    unknown = sorted(set(merged) - set(NEMO_RL_OPTIONS))
+    if unknown:
+        raise ValueError(f"nemo_rl.{unknown[0]} is not a known key; known: {sorted(NEMO_RL_OPTIONS)}")
+    if merged["selection"] not in ("driver", "worker"):
+        raise ValueError(f"nemo_rl.selection={merged['selection']!r} is invalid: allowed 'driver' or 'worker'")
+    if merged["input_type"] not in ("logprob", "logit"):
+        raise ValueError(f"nemo_rl.input_type={merged['input_type']!r} is invalid: allowed 'logprob' or 'logit'")
+    if not isinstance(merged["log_entropy"], bool):
+        raise ValueError(f"nemo_rl.log_entropy={merged['log_entropy']!r} is invalid: allowed true or false")
+    base = merged["base_config"]
+    if not isinstance(base, str) or not base.endswith((".yaml", ".yml")):
+        raise ValueError(f"nemo_rl.base_config={base!r} is invalid: allowed a YAML path relative to the NeMo-RL checkout")
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+def _get(cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or node.get(part) is None:
+            return default
+        node = node[part]
+    return node
+
+
+def check_nemo_rl_run_config(config: Mapping[str, Any], options: Optional[Mapping[str, Any]] = None,
+                             *, data_parallel_size: Optional[int] = None) -> None:
+    """Refuse, naming the keys, the NeMo-RL configurations the plugin cannot serve correctly.
+
+    ``config`` is NeMo-RL's (merged) master config as plain nested mappings; ``options`` our ``nemo_rl:`` section.
+    Run by the entry on our config and on the merged one, and by the wrapped training entries on the
+    ``master_config`` they receive, so a user's own script is checked too.
+    """
+    options = nemo_rl_options(options)
+    if _get(config, "data_plane.enabled", False):
+        raise ValueError(
+            "data_plane.enabled=true (NeMo-RL's grpo_train_sync over TransferQueue) is not supported: that trainer "
+            "calls policy.train_from_meta and the driver never holds the step's batch, so the exact per-step "
+            "selection cannot be built; set data_plane.enabled=false"
+        )
+    if options["selection"] == "worker":
+        for key in ("policy.sequence_packing.enabled", "policy.dynamic_batching.enabled"):
+            if _get(config, key, False):
+                raise ValueError(
+                    f"nemo_rl.selection='worker' is incompatible with {key}=true: NeMo-RL then calls the loss once "
+                    "per packed sequence or dynamic micro-batch, and the bins differ between DP ranks, so the "
+                    "selection's collectives would not pair up (a hang). Use nemo_rl.selection='driver' (exact, no "
+                    f"collective in the loss) or set {key}=false"
+                )
+        gbs, mbs = _get(config, "policy.train_global_batch_size"), _get(config, "policy.train_micro_batch_size")
+        if data_parallel_size is not None and gbs is not None and mbs is not None and mbs * data_parallel_size != gbs:
+            raise ValueError(
+                f"nemo_rl.selection='worker' selects over each loss call across DP, which is the whole optimizer step "
+                f"only when policy.train_micro_batch_size x DP == policy.train_global_batch_size ({mbs} x "
+                f"{data_parallel_size} != {gbs}); use nemo_rl.selection='driver' (exact for any micro-batch size)"
+            )
+    if options["input_type"] == "logit":
+        if _get(config, "policy.megatron_cfg.enabled", False) and _get(config, "policy.megatron_cfg.use_fused_linear_logprobs", False):
+            raise ValueError(
+                "nemo_rl.input_type='logit' is incompatible with policy.megatron_cfg.use_fused_linear_logprobs=true: "
+                "the fused model returns 2-D log-probs, not logits; use nemo_rl.input_type='logprob'"
+            )
+        top_k, top_p = _get(config, "policy.generation.top_k"), _get(config, "policy.generation.top_p", 1.0)
+        if top_k is not None or (top_p is not None and float(top_p) < 1.0):
+            raise ValueError(
+                f"nemo_rl.input_type='logit' is incompatible with policy.generation.top_k={top_k!r} / "
+                f"policy.generation.top_p={top_p!r}: NeMo-RL filters top-k/top-p only on the LOGPROB path, so the "
+                "ratio would mix filtered old log-probs with unfiltered current ones; use nemo_rl.input_type='logprob'"
+            )
+
+
+# ----------------------------------------------------------------------------------------------- wrapping
+def wrap_policy_for_step(policy: Any, loss_fn: Any, master_config: Any, grpo_save_state: Any, *,
+                         counter_field: str = "total_steps", selection: str = "driver") -> Any:
+    """The policy a NeMo-RL training entry should train: ``policy`` wrapped in a :class:`BatchSelectionPolicy`
+    whose optimizer-step counter continues from ``grpo_save_state.<counter_field>``.
+
+    ``loss_fn`` must be our :class:`EntropyControlLossFn` (its validated config drives the selection); any other
+    loss gets ``policy`` back unchanged. Use this in your own script if you call NeMo-RL's training entry yourself
+    without :func:`install`.
+    """
+    config = getattr(loss_fn, "config", None)
+    if not isinstance(config, LossConfig) or isinstance(policy, BatchSelectionPolicy):
+        return policy
+    grpo_cfg = config_section(master_config, "grpo", {})
+    policy_cfg = config_section(master_config, "policy", {})
+    per_rollout = steps_per_rollout(grpo_cfg, policy_cfg)
+    first = save_state_counter(grpo_save_state, counter_field) * per_rollout
+    return BatchSelectionPolicy(policy, config, train_global_batch_size=int(policy_cfg["train_global_batch_size"]),
+                                mode=selection, first_step=first)
+
+
+def _wrap_entry(original: Callable, name: str, counter_field: str, options: Mapping[str, Any]) -> Callable:
+    signature = inspect.signature(original)
+    missing = [p for p in REQUIRED_ENTRY_PARAMETERS if p not in signature.parameters]
+    if missing:
+        raise TypeError(f"NeMo-RL's {name} has no parameter(s) {missing}: this NeMo-RL is not supported "
+                        "(run `nemo-entropy check-nemo-rl`)")
+
+    @functools.wraps(original)
+    def entry(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        master_config = bound.arguments["master_config"]
+        check_nemo_rl_run_config(
+            {key: config_section(master_config, key) for key in ("policy", "data_plane", "grpo")}, options)
+        bound.arguments["policy"] = wrap_policy_for_step(
+            bound.arguments["policy"], bound.arguments["loss_fn"], master_config,
+            bound.arguments.get("grpo_save_state"), counter_field=counter_field, selection=options["selection"])
+        return original(*bound.args, **bound.kwargs)
+
+    setattr(entry, _WRAPPED, True)
+    return entry
+
+
+def install(grpo_module: Any, options: Optional[Mapping[str, Any]] = None) -> list[str]:
+    """Put the plugin into NeMo-RL's GRPO module (``nemo_rl.algorithms.grpo``); idempotent.
+
+    After it, ``grpo_module.setup()`` builds :class:`EntropyControlLossFn` (with ``options``' ``input_type`` and
+    ``log_entropy``) and every training entry of :data:`TRAINING_ENTRIES` present in the module wraps its policy
+    for the exact per-step selection and checks the master config first. Call it before anything imports the
+    entries by name (``examples/run_grpo.py`` does so when it runs, so install first, then run it).
+
+    Returns the names of the entries it wrapped.
+    """
+    from .nemo_rl import EntropyControlLossFn
+
+    options = nemo_rl_options(options)
+    if not hasattr(grpo_module, "setup") or not hasattr(grpo_module, "grpo_train"):
+        raise TypeError(f"{getattr(grpo_module, '__name__', grpo_module)!r} is not NeMo-RL's GRPO module "
+                        "(no setup / grpo_train)")
+    grpo_module.ClippedPGLossFn = functools.partial(EntropyControlLossFn, input_type=options["input_type"],
+                                                    log_entropy=options["log_entropy"])
+    wrapped = []
+    for name, counter_field in TRAINING_ENTRIES.items():
+        original = getattr(grpo_module, name, None)
+        if original is None:
+            continue
+        if not getattr(original, _WRAPPED, False):
+            setattr(grpo_module, name, _wrap_entry(original, name, counter_field, options))
+        wrapped.append(name)
+    return wrapped
