@@ -401,6 +401,17 @@ launch_nemo_rl() {
     head_ports=$(ray_ports 0)
     worker_ports=$(ray_ports 1)
 
+    # Preflight: the NeMo-RL installed where the driver runs (inside the container) must have every
+    # interface the entry relies on. A mismatch stops the job here, in seconds, before Ray starts and
+    # any model is loaded, naming the first incompatibility.
+    say "preflight: nemo-entropy check-nemo-rl on $HEAD_NODE (log $LOG_DIR/preflight.log)"
+    if ! run "${SRUN[@]}" --nodes=1 --ntasks=1 --nodelist="$HEAD_NODE" --output="$LOG_DIR/preflight.log" \
+        "$PYTHON" -m nemo_entropy.cli check-nemo-rl; then
+        say "cannot start: the installed NeMo-RL does not fit this plugin:"
+        grep -E '^(FAIL|check-nemo-rl)' "$LOG_DIR/preflight.log" 2>/dev/null | while IFS= read -r line; do say "  $line"; done
+        exit 2
+    fi
+
     # No `ray stop` first: Slurm kills a job's processes when it ends, and on a test cluster whose
     # "nodes" share one host it would kill the other node's Ray.
     local head_cmd="exec ray start --head --disable-usage-stats --block \

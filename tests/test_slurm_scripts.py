@@ -108,7 +108,9 @@ def test_dry_run_nemo_rl_prints_ray_head_workers_and_driver(tmp_path):
     result = dry_run("32b_kl_cov", cwd=tmp_path, CONTAINER=image, MOUNTS=f"{tmp_path}:/data")
     assert result.returncode == 0, result.stdout + result.stderr
     sruns = [c for c in planned(result.stdout) if c.startswith("srun ")]
-    head, workers, driver = sruns
+    preflight, head, workers, driver = sruns  # the preflight runs before Ray starts
+    assert "--nodes=1 --ntasks=1 --nodelist=node1" in preflight
+    assert preflight.endswith("python -m nemo_entropy.cli check-nemo-rl")
     for step in sruns:
         assert f"'--container-image={image}'" in step
         assert f"--container-mounts={tmp_path}:/data,{REPO}:{REPO}" in step

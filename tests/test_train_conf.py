@@ -1,18 +1,15 @@
 """The run entry and the configs in conf/: every config composes, validates and dry-runs, with and without
-overrides; wrong keys and values fail with errors naming them; the NeMo-RL backend's wiring (our loss put
-into NeMo-RL's setup, the policy wrapped for the driver-side selection) works against a stand-in package
-shaped like NeMo-RL's modules, and a missing NeMo-RL gives one clear error."""
+overrides; wrong keys and values fail with errors naming them; a missing NeMo-RL gives one clear error. The
+NeMo-RL backend's wiring is tested in test_nemo_rl_entry.py."""
 
 from __future__ import annotations
 
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from nemo_entropy import train
-from nemo_entropy.integrations import BatchSelectionPolicy, EntropyControlLossFn
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 OURS = ["grpo_7b_kl_cov", "grpo_7b_clip_cov", "grpo_32b_kl_cov", "grpo_32b_clip_cov", "grpo_32b_baseline"]
@@ -110,67 +107,6 @@ def test_missing_nemo_rl_gives_one_clear_error(capsys, monkeypatch):
     assert train.main(["--config-name", "grpo_32b_kl_cov"]) == 1
     err = capsys.readouterr().err
     assert "NeMo-RL container" in err and "PYTHONPATH" in err
-
-
-# ------------------------------------------------------------------------------------ NeMo-RL wiring
-FAKE_GRPO = '''
-class ClippedPGLossFn:  # what NeMo-RL's setup() builds: replaced by ours
-    def __init__(self, cfg, use_fused_linear_logprobs=False):
-        self.cfg = cfg
-
-def setup(master_config):
-    return "policy", ClippedPGLossFn(master_config["loss_fn"], use_fused_linear_logprobs=False)
-
-def grpo_train(policy, policy_generation, wrapped_dataloader, val_dataloader, tokenizer, loss_fn, task_to_env,
-               val_task_to_env, logger, checkpointer, grpo_save_state, master_config, processor=None):
-    import nemo_rl
-    nemo_rl.SEEN = dict(policy=policy, loss_fn=loss_fn, master_config=master_config)
-'''
-FAKE_SCRIPT = '''
-import sys
-from nemo_rl.algorithms.grpo import grpo_train, setup
-from nemo_rl.utils.config import load_config
-assert sys.argv[1] == "--config"
-config = load_config(sys.argv[2])
-policy, loss_fn = setup(config)
-grpo_train(policy, None, None, None, None, loss_fn, {}, {}, None, None, {"current_step": 2}, config)
-'''
-FAKE_CONFIG = '''
-def load_config(path):
-    from omegaconf import OmegaConf
-    return OmegaConf.load(path)
-'''
-
-
-def test_nemo_rl_backend_puts_our_loss_and_the_selection_wrapper_into_nemo_rl(tmp_path, monkeypatch, capsys):
-    root = tmp_path / "nemo-rl"
-    for package in ("nemo_rl", "nemo_rl/algorithms", "nemo_rl/utils"):
-        (root / package).mkdir(parents=True)
-        (root / package / "__init__.py").write_text("")
-    (root / "nemo_rl/algorithms/grpo.py").write_text(textwrap.dedent(FAKE_GRPO))
-    (root / "nemo_rl/utils/config.py").write_text(textwrap.dedent(FAKE_CONFIG))
-    (root / "examples/configs").mkdir(parents=True)
-    (root / "examples/run_grpo.py").write_text(textwrap.dedent(FAKE_SCRIPT))
-    (root / "examples/configs/base.yaml").write_text("loss_fn:\n  reference_policy_kl_penalty: 0.01\nnot_ours: 7\n")
-    monkeypatch.syspath_prepend(str(root))
-    for name in [m for m in sys.modules if m == "nemo_rl" or m.startswith("nemo_rl.")]:
-        monkeypatch.delitem(sys.modules, name)
-    argv = ["--config-name", "grpo_7b_kl_cov", f"nemo_rl.root={root}", "nemo_rl.base_config=examples/configs/base.yaml",
-            f"logger.log_dir={tmp_path / 'logs'}"]
-    try:
-        assert train.main(argv) == 0
-        import nemo_rl
-
-        seen = nemo_rl.SEEN
-    finally:
-        for name in [m for m in sys.modules if m == "nemo_rl" or m.startswith("nemo_rl.")]:
-            del sys.modules[name]
-    assert isinstance(seen["loss_fn"], EntropyControlLossFn) and seen["loss_fn"].config.method == "kl_cov"
-    assert seen["loss_fn"].config.reference_policy_kl_penalty == 0.0  # ours wins over NeMo-RL's base
-    assert isinstance(seen["policy"], BatchSelectionPolicy) and seen["policy"].wrapped_policy == "policy"
-    assert seen["policy"].optimizer_step == 2 * 8  # resumed at rollout 2, 8 optimizer steps per rollout
-    assert seen["master_config"]["not_ours"] == 7 and "engine" not in seen["master_config"]
-    assert (tmp_path / "logs" / "nemo_rl_config.yaml").is_file()
 
 
 @pytest.mark.skipif(not (CONF / "preset" / "local_tiny.yaml").is_file(), reason="the engine's preset has not landed")

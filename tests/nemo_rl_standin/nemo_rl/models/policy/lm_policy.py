@@ -1,0 +1,48 @@
+"""A policy with NeMo-RL's ``train`` contract, simulating DP ranks in one process.
+
+``train(data, loss_fn, eval_mode=False, gbs=None, mbs=None, timer=None)`` shards the batch as NeMo-RL does
+(``shard_by_batch_size``), then for every optimizer step and DP rank calls the loss on micro-batches with the
+step's global counts, from "current" log-probs that are the old ones moved by a fixed amount. Every call is
+recorded in :data:`CALLS` for the tests.
+"""
+
+import torch
+
+CALLS: list[dict] = []
+"""One entry per loss call: ``{"step": optimizer step within the train call, "rank", "data", "metrics"}``."""
+
+
+class Policy:
+    def __init__(self, cfg, dp_size: int = 2):
+        self.cfg = cfg
+        self.dp_size = dp_size
+
+    def train(self, data, loss_fn, eval_mode=False, gbs=None, mbs=None, timer=None):
+        gbs = gbs or self.cfg["train_global_batch_size"]
+        mbs = mbs or self.cfg["train_micro_batch_size"]
+        shards = data.shard_by_batch_size(self.dp_size, batch_size=gbs)
+        local = gbs // self.dp_size
+        metrics: dict[str, list] = {}
+        for step in range(data.size // gbs):
+            pieces = [s.slice(step * local, (step + 1) * local) for s in shards]
+            masks = [p["token_mask"][:, 1:] * p["sample_mask"][:, None] for p in pieces]
+            gvt = sum(m.sum() for m in masks)  # NeMo-RL all-reduces these over DP once per step
+            gvs = sum(p["sample_mask"].sum() for p in pieces)
+            for rank, piece in enumerate(pieces):
+                for start in range(0, local, mbs):
+                    mb = piece.slice(start, start + mbs)
+                    drift = 0.05 * torch.cos(torch.arange(mb["prev_logprobs"].numel()).float()).reshape(
+                        mb["prev_logprobs"].shape)
+                    current = (mb["prev_logprobs"] + drift)[:, 1:].clone().requires_grad_(True)
+                    loss, mb_metrics = loss_fn(data=mb, global_valid_seqs=gvs, global_valid_toks=gvt,
+                                               next_token_logprobs=current)
+                    if not eval_mode:
+                        loss.backward()
+                    CALLS.append({"step": step, "rank": rank, "data": dict(mb), "metrics": mb_metrics})
+                    for key, value in mb_metrics.items():
+                        metrics.setdefault(key, []).append(value)
+        return {"loss": torch.tensor(0.0), "grad_norm": torch.tensor(0.0), "all_mb_metrics": metrics}
+
+    def train_from_meta(self, *args, **kwargs):  # the data-plane trainer's path: no batch on the driver
+        CALLS.append({"train_from_meta": True})
+        return {}

@@ -1,0 +1,1 @@
+"""Stand-in package (tests/nemo_rl_standin/README.md)."""
