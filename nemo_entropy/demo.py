@@ -14,6 +14,7 @@ import torch
 
 from .config import loss_config
 from .losses import accumulate_metrics, policy_loss
+from .plan import reference_selection
 from .selection import covariance_scores, select_tokens, token_uids_for
 
 
@@ -78,14 +79,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             n_sel = int(selected.sum()) if selected is not None else n_sel
             overlap = "-"
             if scope == "microbatch" and exact is not None:
-                from .losses.policy import _per_call_selection
-
                 ratio = torch.exp(current - old)
                 clip_active = -adv * ratio.clamp(1 - cfg.ratio_clip_min, 1 + cfg.ratio_clip_max) > -adv * ratio
                 for lo in range(0, mask.shape[0], args.micro_batch):
                     part = slice(lo, lo + args.micro_batch)
-                    chosen[part], _ = _per_call_selection(cfg, current[part], adv[part], mask[part],
-                                                          clip_active[part], uids[part], 0)
+                    chosen[part] = reference_selection(cfg, current[part], adv[part], mask[part], token_uids=uids[part],
+                                                       step=0, clip_active=clip_active[part] & mask[part]).selected
                 if method == "kl_cov":  # Clip-Cov's subset is random by design: overlap means nothing there
                     overlap = f"{int((chosen & exact).sum()) / max(1, int(exact.sum())):.1%}"
                 sel_cov = float(scores[chosen].mean()) if chosen.any() else float("nan")

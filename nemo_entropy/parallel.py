@@ -1,6 +1,6 @@
-"""Process groups by rank role, and the only place the package issues collectives.
+"""Process groups by rank role, and the one place the entropy controls' collectives go through.
 
-Three roles matter to the entropy controls (DESIGN.md section 3):
+Three roles matter to the entropy controls (README, "Selection scope"):
 
 * the **token group** (DP, or DP x CP when context-parallel ranks hold different chunks of the same
   sequences): ranks that hold *different tokens*. Covariance statistics, global token counts and the
@@ -13,7 +13,9 @@ Three roles matter to the entropy controls (DESIGN.md section 3):
 
 Every collective is issued unconditionally by every member of the group, whatever its data (a rank with
 zero valid tokens still takes part with zero-sized contributions padded to the agreed size), so no
-data-dependent hang is possible. ``None`` for a group means "this process alone".
+data-dependent hang is possible. ``None`` for a group means "this process alone". The per-step plan
+(``nemo_entropy.plan``) is the only caller on the loss side; the embedded engine's process management lives in
+``nemo_entropy.engine.processes``.
 """
 
 from __future__ import annotations
@@ -29,8 +31,12 @@ ProcessGroup = dist.ProcessGroup
 __all__ = ["ParallelGroups", "as_groups", "as_tp_group"]
 
 
-def _world(group: Optional[ProcessGroup]) -> int:
+def group_world_size(group: Optional[ProcessGroup]) -> int:
+    """Members of ``group`` (1 for ``None``: this process alone)."""
     return 1 if group is None else dist.get_world_size(group)
+
+
+_world = group_world_size
 
 
 def _rank(group: Optional[ProcessGroup]) -> int:
@@ -210,84 +216,8 @@ def new_subgroups(rank_lists: Sequence[Sequence[int]]) -> list[ProcessGroup]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Process-level helpers and model-parallel autograd functions used by the embedded local engine
-# (nemo_entropy.engine). They live here because every collective of the package goes through this module.
-
-
-def distributed_env_present() -> bool:
-    """Whether this process was started by a distributed launcher (torchrun/srun set RANK and WORLD_SIZE)."""
-    import os
-
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def init_process_group_from_env(backend: str = "gloo", timeout_seconds: float = 1800.0) -> tuple[int, int]:
-    """Initialise the default group from the launcher's environment (idempotent); returns (rank, world)."""
-    from datetime import timedelta
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds))
-    return dist.get_rank(), dist.get_world_size()
-
-
-def world_rank_and_size() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) without an initialised default group."""
-    if not dist.is_available() or not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()
-
-
-def world_group() -> Optional[ProcessGroup]:
-    """The default group, or ``None`` (this process alone) when not distributed or of size 1."""
-    rank, world = world_rank_and_size()
-    return dist.group.WORLD if world > 1 else None
-
-
-def barrier(group: Optional[ProcessGroup] = None) -> None:
-    """Barrier over ``group`` (``None``: the world, if distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier(group=group)
-
-
-def destroy_process_group() -> None:
-    """Barrier, then tear down the default group (gloo runs can abort without the barrier)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def group_all_reduce(tensor: torch.Tensor, group: Optional[ProcessGroup], op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce over ``group`` (identity for ``None``); ``op`` is ``sum``, ``max`` or ``min``."""
-    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-    if op not in ops:
-        raise ValueError(f"group_all_reduce: op must be one of {sorted(ops)}, got {op!r}")
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, op=ops[op], group=group)
-    return tensor
-
-
-def all_reduce_flag(flag: bool, group: Optional[ProcessGroup]) -> bool:
-    """Logical OR of a flag over ``group``: every member learns whether any member raised it."""
-    value = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    return bool(group_all_reduce(value, group, "max").item())
-
-
-def all_gather_objects(obj, group: Optional[ProcessGroup]) -> list:
-    """Picklable objects of every member of ``group``, in group-rank order (``[obj]`` for ``None``)."""
-    if group is None:
-        return [obj]
-    out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
-
-
-def broadcast_object(obj, src: int, group: Optional[ProcessGroup]):
-    """The object of global rank ``src`` on every member of ``group`` (``obj`` itself for ``None``)."""
-    if group is None:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
+# Model-parallel autograd functions (Megatron's copy-to / gather-from TP region), used by the engine's
+# vocab-parallel LM head.
 
 
 class _CopyToTPRegion(torch.autograd.Function):

@@ -1,7 +1,7 @@
 """Covariance scores and the exact, layout-invariant selection of the tokens Clip-Cov / KL-Cov treat specially.
 
 The reference implementation selects per micro-batch per GPU, so its selected set changes with micro-batch
-size and GPU count (DESIGN.md section 3). Here ``scope: batch`` selects over every valid token of an optimizer
+size and GPU count (README, "Selection scope"). Here ``scope: batch`` selects over every valid token of an optimizer
 step, on every rank of the token-holding group, and the result is *bit-identical* whatever the layout:
 
 1. **Exact means.** Means of log-prob and advantage are computed from fixed-point int64 sums (values rounded to
@@ -17,17 +17,21 @@ step, on every rank of the token-holding group, and the result is *bit-identical
    uniformly random subset of the candidates.
 
 Every rank of the group must call these functions (even with zero valid tokens): they issue their collectives
-unconditionally, and every data-dependent branch is taken on globally agreed values.
+unconditionally, and every data-dependent branch is taken on globally agreed values. Which tokens a control
+selects, from these primitives, is the control's business (``nemo_entropy.controls``); the per-step plan
+(``nemo_entropy.plan``) runs them once per optimizer step.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from .config import LossConfig
 from .parallel import GroupsLike, ParallelGroups, as_groups
+
+if TYPE_CHECKING:
+    from .config import LossConfig
 
 __all__ = [
     "covariance_scores",
@@ -35,6 +39,9 @@ __all__ = [
     "select_tokens_with_scores",
     "select_top_covariance",
     "select_clip_cov",
+    "distributed_top_k",
+    "exact_group_sums",
+    "scores_from_means",
     "selection_quota",
     "hash_keys",
     "token_uids_for",
@@ -125,6 +132,68 @@ def _fixed_point_sum(values: torch.Tensor, mask: Optional[torch.Tensor], world_s
     return torch.round(masked * float(1 << _FIXED_POINT_BITS)).to(torch.int64).sum(), 0
 
 
+def exact_group_sums(
+    counts: list[torch.Tensor],
+    values: list[tuple[str, torch.Tensor]],
+    mask: Optional[torch.Tensor],
+    groups: GroupsLike = None,
+    *,
+    local_error: Optional[Exception] = None,
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Integer ``counts`` and exact fixed-point sums of ``values`` over the whole token group, in ONE all-reduce.
+
+    ``values`` are ``(name, tensor)`` pairs summed over the valid tokens (``mask``; ``None``: already compacted).
+    Every problem is folded into the same all-reduce as a count of ranks, so that all ranks raise together after
+    it and none is left waiting in a collective: a ``local_error`` this rank found while checking its inputs
+    (the rank then contributes zeros), NaN or inf on a valid token, magnitudes too large for exact sums.
+    Counts of ranks cannot wrap, whatever the group size.
+
+    Returns ``(counts, sums)``: Python ints, and float64 scalars (the exact sums, identical on every rank).
+    """
+    g = as_groups(groups)
+    world = g.token_world_size
+    device = mask.device if mask is not None else (values[0][1].device if values else torch.device("cpu"))
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    local_counts = [zero if local_error is not None else c.to(torch.int64).reshape(()) for c in counts]
+    sums, non_finite, overflow = [], [], 0
+    for _, tensor in values:
+        total, problem = (zero, 0) if local_error is not None else _fixed_point_sum(tensor, mask, world)
+        sums.append(total)
+        non_finite.append(int(problem == 1))
+        overflow = max(overflow, int(problem == 2))
+    flags = [int(local_error is not None), *non_finite, overflow]
+    local = torch.stack([*local_counts, *sums, *[torch.tensor(f, dtype=torch.int64, device=device) for f in flags]])
+    total = g.token_all_reduce_sum(local)
+    n_counts, n_values = len(counts), len(values)
+    problems = total[n_counts + n_values:].tolist()
+    if any(problems):
+        # Every rank saw the same totals, so every rank is here: one more collective names the ranks.
+        flags_all = g.token_all_gather(local[n_counts + n_values:].reshape(1, -1))
+        ranks = lambda column: [r for r in range(flags_all.shape[0]) if int(flags_all[r, column])]  # noqa: E731
+        if problems[0]:
+            if local_error is not None:
+                raise local_error
+            raise ValueError(f"token-group rank(s) {ranks(0)} rejected their inputs (their error says why); "
+                             "stopping here instead of waiting in a collective")
+        for index, (name, _) in enumerate(values):
+            if problems[1 + index]:
+                raise ValueError(f"{name} have NaN or inf on valid (unmasked) tokens on token-group rank(s) "
+                                 f"{ranks(1 + index)}")
+        raise ValueError("per-token values are too large for the exact fixed-point sums (max |value| x tokens x "
+                         f"world must stay below 2**42) on token-group rank(s) {ranks(len(problems) - 1)}")
+    return ([int(c) for c in total[:n_counts].tolist()],
+            [t.double() / float(1 << _FIXED_POINT_BITS) for t in total[n_counts:n_counts + n_values]])
+
+
+def covariance_inputs(logprobs: torch.Tensor, advantages: torch.Tensor, form: str) -> list[tuple[str, torch.Tensor]]:
+    """The per-token values whose means the covariance scores need: ``l`` and ``A`` (natural) or ``p A`` (vanilla)."""
+    if form == "natural":
+        return [("logprobs", logprobs), ("advantages", advantages)]
+    return [("logprobs", logprobs),
+            ("advantages (or exp(logprobs) * advantages)",
+             torch.exp(logprobs.detach().float()) * advantages.detach().float())]
+
+
 def global_token_stats(
     logprobs: torch.Tensor,
     advantages: torch.Tensor,
@@ -132,6 +201,7 @@ def global_token_stats(
     groups: GroupsLike = None,
     *,
     form: str = "natural",
+    local_error: Optional[Exception] = None,
 ) -> tuple[int, torch.Tensor, torch.Tensor]:
     """``(N, mean l, mean X)`` over the valid tokens of the whole token group, with one int64 all-reduce.
 
@@ -139,34 +209,18 @@ def global_token_stats(
 
     ``X`` is the advantage (``form="natural"``) or ``p * A`` with ``p = exp(l)`` (``form="vanilla"``).
     The means are float64 scalars identical on every rank, whatever the layout. Bad values on any rank (NaN or
-    inf on a valid token, magnitudes too large for exact sums) make *every* rank raise, after the all-reduce.
+    inf on a valid token, magnitudes too large for exact sums, a ``local_error``) make *every* rank raise, after
+    the all-reduce (:func:`exact_group_sums`).
     """
-    g = as_groups(groups)
-    mask = None if mask is None else _as_bool_mask(mask)
-    x = advantages if form == "natural" else torch.exp(logprobs.detach().float()) * advantages.detach().float()
-    world = g.token_world_size
-    count = mask.sum() if mask is not None else torch.tensor(logprobs.numel(), device=logprobs.device)
-    sum_l, problem_l = _fixed_point_sum(logprobs, mask, world)
-    sum_x, problem_x = _fixed_point_sum(x, mask, world)
-    # Problem flags ride in the same all-reduce as bit masks over ranks (rank r sets bit r; up to 62 ranks
-    # are named, beyond that the count is still exact-or-flagged).
-    bit = 1 << min(g.token_rank, 61)
-    flags = [bit if problem_l == 1 else 0, bit if problem_x == 1 else 0, bit if 2 in (problem_l, problem_x) else 0]
-    local = torch.stack([count.to(torch.int64), sum_l, sum_x,
-                         *[torch.tensor(f, dtype=torch.int64, device=sum_l.device) for f in flags]])
-    total = g.token_all_reduce_sum(local)
-    names = ("logprobs have NaN or inf on valid (unmasked) tokens",
-             ("advantages" if form == "natural" else "advantages (or exp(logprobs) * advantages)")
-             + " have NaN or inf on valid (unmasked) tokens",
-             "log-probs or advantages are too large for the exact fixed-point sums "
-             "(max |value| x tokens x world must stay below 2**42)")
-    for flag, message in zip(total[3:].tolist(), names):
-        if flag:
-            ranks = [r for r in range(62) if flag >> r & 1]
-            raise ValueError(f"{message} (token-group ranks {ranks})")
-    n = int(total[0])
-    denom = float(max(n, 1) * (1 << _FIXED_POINT_BITS))
-    return n, total[1].double() / denom, total[2].double() / denom
+    mask = None if mask is None or local_error is not None else _as_bool_mask(mask)
+    count = torch.tensor(0) if local_error is not None else (
+        mask.sum() if mask is not None else torch.tensor(logprobs.numel(), device=logprobs.device))
+    values = [] if local_error is not None else covariance_inputs(logprobs, advantages, form)
+    if local_error is not None:  # same layout of the all-reduce as the ranks with good inputs
+        values = [("logprobs", torch.zeros(0)), ("advantages", torch.zeros(0))]
+    (n,), (sum_l, sum_x) = exact_group_sums([count], values, mask, groups, local_error=local_error)
+    denom = float(max(n, 1))
+    return n, sum_l / denom, sum_x / denom
 
 
 def covariance_scores(
@@ -180,16 +234,21 @@ def covariance_scores(
     """Per-token covariance scores (fp32, shape of ``mask``; 0 on masked tokens).
 
     ``natural``: ``c_i = (l_i - mean l) (A_i - mean A)``; ``vanilla``: ``c_i = (l_i - mean l)(p_i A_i - mean pA)``.
-    Means are over the valid tokens of the whole token group (``groups``), exact and layout invariant.
+    Means are over the valid tokens of the whole token group (``groups``), exact and layout invariant. A rank
+    with bad inputs (shape, dtype, NaN on a valid token) makes every rank raise, after the one all-reduce.
     """
     if form not in ("natural", "vanilla"):
         raise ValueError(f"form={form!r} is invalid: allowed 'natural' or 'vanilla'")
-    bool_mask = validate_token_inputs(mask, logprobs=logprobs, advantages=advantages)
-    _, mean_l, mean_x = global_token_stats(logprobs, advantages, bool_mask, groups, form=form)
-    return _scores_from_means(logprobs, advantages, bool_mask, mean_l, mean_x, form)
+    try:
+        bool_mask, local_error = validate_token_inputs(mask, check_finite=False, logprobs=logprobs,
+                                                       advantages=advantages), None
+    except (TypeError, ValueError) as err:
+        bool_mask, local_error = None, err
+    _, mean_l, mean_x = global_token_stats(logprobs, advantages, bool_mask, groups, form=form, local_error=local_error)
+    return scores_from_means(logprobs, advantages, bool_mask, mean_l, mean_x, form)
 
 
-def _scores_from_means(logprobs, advantages, mask, mean_l, mean_x, form):
+def scores_from_means(logprobs, advantages, mask, mean_l, mean_x, form):
     # fp32 elementwise math on identical inputs and identical (exact) means: bit-identical on every rank.
     l = logprobs.detach().float()
     a = advantages.detach().float()
@@ -276,13 +335,15 @@ def _local_offer(priority: torch.Tensor, uids: torch.Tensor, eligible: torch.Ten
     return top_p, top_u
 
 
-def _distributed_top_k(
-    priority: torch.Tensor, uids: torch.Tensor, eligible: torch.Tensor, k: int, g: ParallelGroups
-) -> torch.Tensor:
-    """Mask of the ``k`` eligible tokens of the whole token group ranked first by (priority desc, uid asc).
+def distributed_top_k(
+    priority: torch.Tensor, uids: torch.Tensor, eligible: torch.Tensor, k: int, groups: GroupsLike = None
+) -> tuple[torch.Tensor, int]:
+    """The ``k`` eligible tokens of the whole token group ranked first by (priority desc, uid asc), and how many
+    were chosen over the group (``k``, or fewer when fewer are eligible): ``(mask, count)``.
 
-    All of them if fewer than ``k`` are eligible. ``k`` must be the same on every rank.
+    ``k`` must be the same on every rank. One all-gather of ``k`` (priority, uid) pairs per rank.
     """
+    g = as_groups(groups)
     top_p, top_u = _local_offer(priority, uids, eligible, k)
     if g.token_world_size > 1:
         # One all-gather of the k (priority, uid) pairs of every rank, both as int64 bit patterns.
@@ -290,10 +351,11 @@ def _distributed_top_k(
         gathered = g.token_all_gather(packed)
         top_p, top_u = _lexicographic_top(gathered[:, 0, :].reshape(-1).view(torch.float64),
                                           gathered[:, 1, :].reshape(-1), k)
+    chosen = int((top_p > float("-inf")).sum())  # padding entries are -inf
     # Priorities came from this dtype exactly, so comparing in it is exact.
     threshold_p, threshold_u = top_p[k - 1].to(priority.dtype), top_u[k - 1]
     above = (priority > threshold_p) | ((priority == threshold_p) & (uids <= threshold_u))
-    return eligible & above
+    return eligible & above, chosen
 
 
 def selection_quota(ratio: float, num_valid_tokens: int) -> int:
@@ -305,7 +367,7 @@ def select_top_covariance(
     scores: torch.Tensor, eligible: torch.Tensor, token_uids: torch.Tensor, k: int, groups: GroupsLike = None
 ) -> torch.Tensor:
     """The ``k`` eligible tokens with the largest scores over the token group; ties broken by smaller uid."""
-    return _distributed_top_k(scores, token_uids, eligible, k, as_groups(groups))
+    return distributed_top_k(scores, token_uids, eligible, k, groups)[0]
 
 
 def select_clip_cov(
@@ -313,11 +375,11 @@ def select_clip_cov(
 ) -> torch.Tensor:
     """A uniformly random subset of ``k`` candidates (all if fewer): those with the smallest hash keys."""
     keys = hash_keys(token_uids, seed=seed, step=step)
-    return _distributed_top_k(-keys.to(torch.float64), token_uids, candidates, k, as_groups(groups))
+    return distributed_top_k(-keys.to(torch.float64), token_uids, candidates, k, groups)[0]
 
 
 def select_tokens(
-    config: LossConfig,
+    config: "LossConfig",
     logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
@@ -326,7 +388,7 @@ def select_tokens(
     step: int,
     groups: GroupsLike = None,
 ) -> torch.Tensor:
-    """Bool mask of the tokens Clip-Cov / KL-Cov treat specially (all False for ``method: ppo``).
+    """Bool mask of the tokens Clip-Cov / KL-Cov treat specially (all False without a covariance selection).
 
     Pass the log-probs of the policy that generated the data (``prev_logprobs``) for the *whole* optimizer
     step on every rank of the token group (``groups``). ``token_uids`` ([batch, length] int64) identify each
@@ -340,16 +402,15 @@ def select_tokens(
       already clipped; at the scoring policy the ratio is exactly 1, so none is clipped there.
 
     ``N`` is the number of valid tokens over the whole group. The mask is bit-identical for any split of
-    the same tokens over ranks and micro-batches.
+    the same tokens over ranks and micro-batches. It is the ``selected`` mask of the step's plan
+    (:func:`nemo_entropy.plan.build_step_plan`).
     """
-    if config.method == "ppo":  # nothing to select: no statistics, no collective (every rank agrees)
-        return torch.zeros_like(validate_token_inputs(mask, check_finite=False, logprobs=logprobs,
-                                                      advantages=advantages, token_uids=token_uids))
-    return _select(config, logprobs, advantages, mask, token_uids, step, groups, with_scores=False)[0]
+    return select_tokens_with_scores(config, logprobs, advantages, mask, token_uids=token_uids, step=step,
+                                     groups=groups)[0]
 
 
 def select_tokens_with_scores(
-    config: LossConfig,
+    config: "LossConfig",
     logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
@@ -358,38 +419,12 @@ def select_tokens_with_scores(
     step: int,
     groups: GroupsLike = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(select_tokens(...), covariance_scores(...))`` from one pass: one compaction, one all-reduce.
+    """``(select_tokens(...), covariance_scores(...))`` from one pass: one all-reduce (plus the top-k's gather).
 
-    The scores are bit-identical to :func:`covariance_scores` (same exact means, same elementwise math);
-    callers that log covariance metrics next to the selection (the engine, the NeMo-RL driver wrapper) need
-    both. For ``method: ppo`` the mask is all False and the scores are still computed.
+    The scores are bit-identical to :func:`covariance_scores` (same exact means, same elementwise math).
+    Without a covariance selection the mask is all False and the scores are still computed.
     """
-    return _select(config, logprobs, advantages, mask, token_uids, step, groups, with_scores=True)
+    from .plan import StepInputs, build_step_plan
 
-
-def _select(config, logprobs, advantages, mask, token_uids, step, groups, *, with_scores):
-    bool_mask = validate_token_inputs(mask, check_finite=False, logprobs=logprobs, advantages=advantages,
-                                      token_uids=token_uids)
-    g = as_groups(groups)
-    # Work on the valid tokens only (one nonzero, three gathers), scatter the answers back at the end.
-    valid = bool_mask.reshape(-1).nonzero().squeeze(1)
-    lp, adv, uids = (t.reshape(-1).index_select(0, valid) for t in (logprobs, advantages, token_uids))
-    n, mean_l, mean_x = global_token_stats(lp, adv, None, g, form=config.cov_form)
-    chosen = torch.zeros_like(bool_mask)
-    full_scores = torch.zeros(bool_mask.shape, dtype=torch.float32, device=bool_mask.device) if with_scores else None
-    if n == 0:  # agreed by every rank: nobody enters the all-gather
-        return chosen, full_scores
-    everything = torch.ones_like(uids, dtype=torch.bool)
-    scores = _scores_from_means(lp, adv, everything, mean_l, mean_x, config.cov_form)
-    if with_scores:
-        full_scores.view(-1)[valid] = scores
-    if config.method == "ppo":
-        return chosen, full_scores
-    k = selection_quota(config.selection_ratio, n)
-    if config.method == "kl_cov":
-        picked = _distributed_top_k(scores, uids, everything, k, g)
-    else:
-        candidates = (scores > config.clip_cov_lb) & (scores < config.clip_cov_ub)
-        picked = select_clip_cov(candidates, uids, k, seed=config.seed, step=step, groups=g)
-    chosen.view(-1)[valid[picked]] = True
-    return chosen, full_scores
+    plan = build_step_plan(config, StepInputs(logprobs, advantages, mask, token_uids), step=step, groups=groups)
+    return plan.selected, plan.scores

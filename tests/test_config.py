@@ -63,8 +63,12 @@ def test_bad_values_raise_one_error_naming_the_key(mapping, key, fragment):
 
 
 def test_config_is_frozen_and_checked_on_direct_construction():
+    from nemo_entropy.controls.clip_cov import ClipCovConfig
+
+    with pytest.raises(ValueError, match="loss_fn.scope"):
+        LossConfig(scope="global")
     with pytest.raises(ValueError, match="loss_fn.clip_cov_ratio"):
-        LossConfig(clip_cov_ratio=2.0)
+        LossConfig(sections={**LossConfig().sections, "clip_cov": ClipCovConfig(clip_cov_ratio=2.0)})
     cfg = LossConfig()
     with pytest.raises(Exception):
         cfg.method = "ppo"  # type: ignore[misc]

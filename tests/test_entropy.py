@@ -217,6 +217,9 @@ def test_input_errors_name_the_offender():
         vocab_parallel_entropy_and_logprobs(logits, torch.tensor([0, 9, 2]), vocab_size=8)
     with pytest.raises(ValueError, match="targets shape"):
         vocab_parallel_entropy_and_logprobs(logits, torch.tensor([0, 1]))
+    # A vocabulary wider than shard x TP would give targets past the shard a logit of 0: refused.
+    with pytest.raises(ValueError, match=r"vocab_size must be in \[1, 10\] \(shard width 10 x TP size 1\), got 12"):
+        vocab_parallel_entropy_and_logprobs(logits, torch.tensor([0, 11, 2]), vocab_size=12)
     with pytest.raises(TypeError, match="logits_shard must be a float32, bfloat16 or float16"):
         vocab_parallel_entropy_and_logprobs(logits.double(), torch.tensor([0, 1, 2]))
     with pytest.raises(TypeError, match="targets must be an integer tensor"):

@@ -18,6 +18,7 @@ import torch
 from nemo_entropy.config import loss_config
 from nemo_entropy.integrations import EntropyControlLossFn, attach_batch_selection
 from nemo_entropy.integrations import batch_keys
+from nemo_entropy.plan import plan_from_batch
 
 D = torch.float64
 B, S, V = 8, 12, 17
@@ -206,7 +207,7 @@ def test_every_nemo_rl_calling_convention_gives_the_same_loss():
 
 def test_interface_attributes_and_metric_normalizations():
     fn = EntropyControlLossFn({"method": "clip_cov", "truncated_importance_sampling_ratio": 2.0,
-                               "use_importance_sampling_correction": True})
+                               "use_importance_sampling_correction": True}, selection="worker")
     assert fn.loss_type.value == "token_level" and fn.input_type.value == "logprob"
     assert fn.config.truncated_importance_sampling_type == "tis"  # NeMo-RL <= v0.5 meaning
     assert EntropyControlLossFn({"token_level_loss": False}, input_type="logit").loss_type.value == "sequence_level"
@@ -222,6 +223,18 @@ def test_interface_attributes_and_metric_normalizations():
         EntropyControlLossFn({"kl_cov_percent": 0.2})
     with pytest.raises(ValueError, match="nemo_rl.input_type='logits'"):
         EntropyControlLossFn({}, input_type="logits")
+
+
+def test_driver_mode_without_the_attached_plan_is_an_error_naming_the_fix():
+    """A batch that bypassed the driver-side wrapper must not silently select per call."""
+    _, lp, data = _batch(seed=3)
+    gvs, gvt = _counts(data)
+    with pytest.raises(RuntimeError, match="install"):
+        EntropyControlLossFn({"method": "kl_cov"})(data=data, global_valid_seqs=gvs, global_valid_toks=gvt,
+                                                   next_token_logprobs=lp)
+    # ppo, or scope: microbatch, needs no step plan
+    for cfg in ({"method": "ppo"}, {"method": "kl_cov", "scope": "microbatch"}):
+        EntropyControlLossFn(cfg)(data=data, global_valid_seqs=gvs, global_valid_toks=gvt, next_token_logprobs=lp)
 
 
 def test_empty_micro_batch_gives_zero_loss_and_inf_sentinels():
@@ -243,7 +256,7 @@ def test_micro_batches_and_dp_ranks_sum_to_the_full_batch(method):
            "use_importance_sampling_correction": True, "reference_policy_kl_penalty": 0.1}
     attach_batch_selection(data, loss_config(cfg), train_global_batch_size=B, first_step=7)
     if method != "ppo":
-        assert data[batch_keys.SELECTED].sum() > 0
+        assert plan_from_batch(data, global_valid_tokens=1, global_valid_seqs=1).selected.sum() > 0
     gvs, gvt = _counts(data)
     fn = EntropyControlLossFn(cfg)
     full_curr = lp.clone().requires_grad_(True)
@@ -277,7 +290,7 @@ def test_attached_selection_is_used_as_is():
     cfg = {"method": "kl_cov", "kl_cov_ratio": 0.05, "reference_policy_kl_penalty": 0.0}
     attach_batch_selection(data, loss_config(cfg), train_global_batch_size=B, first_step=0)
     gvs, gvt = _counts(data)
-    chosen = data[batch_keys.SELECTED][:, 1:].bool()
+    chosen = plan_from_batch(data, global_valid_tokens=1, global_valid_seqs=1).selected
     curr = (data["prev_logprobs"][:, 1:] + 0.2).clone().requires_grad_(True)
     loss, _ = EntropyControlLossFn(cfg)(data=data, global_valid_seqs=gvs, global_valid_toks=gvt,
                                         next_token_logprobs=curr)

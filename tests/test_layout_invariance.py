@@ -152,11 +152,9 @@ def test_selection_and_loss_do_not_depend_on_the_layout():
                     torch.testing.assert_close(grads[mbs], ref_grad[mbs], rtol=1e-5, atol=1e-7)
                     checked += 1
     assert checked == sum(len(s) for s in replica_sets.values()) * len(CONFIGS) * len(MICRO_BATCH_SIZES)
-    for out in per_rank:
-        assert out["nan"] is not None and "advantages have NaN or inf" in out["nan"] and "ranks [2]" in out["nan"]
-    for rank, out in enumerate(per_rank):
-        expected = "advantages has 1 non-finite" if rank == 2 else "1 other rank(s) of the token group rejected"
-        assert out["nan_loss"] is not None and expected in out["nan_loss"], out["nan_loss"]
+    for out in per_rank:  # every rank raises the same error, naming the rank with the NaN
+        for key in ("nan", "nan_loss"):
+            assert out[key] is not None and "advantages have NaN or inf" in out[key] and "rank(s) [2]" in out[key]
     # TP replicas (ranks 0 and 1 in dp2xtp2) hold the same tokens and must agree bit for bit.
     for i in range(len(CONFIGS)):
         assert torch.equal(per_rank[0][("dp2xtp2", i)]["selected"], per_rank[1][("dp2xtp2", i)]["selected"])

@@ -5,7 +5,7 @@ import torch
 
 from nemo_entropy.config import loss_config
 from nemo_entropy.losses import policy_loss
-from nemo_entropy.losses.policy import _per_call_selection
+from nemo_entropy.plan import reference_selection
 from nemo_entropy.selection import covariance_scores, select_tokens, token_uids_for
 
 
@@ -20,7 +20,7 @@ def _batch(seed=0, batch=10, length=24, spread=0.3):
 
 
 def reference_per_token(cfg, cur, old, adv, selected):
-    """Float64 per-token loss written from DESIGN.md section 2 and NeMo-RL's formula, independently."""
+    """Float64 per-token loss written from the paper's formulas (README) and NeMo-RL's formula, independently."""
     log_r = torch.clamp(cur - old, -20.0, 20.0)
     r = torch.exp(log_r)
     pg1 = -adv * r
@@ -70,7 +70,8 @@ def test_loss_and_gradient_match_float64(case, scope):
         # procedure in the tests below).
         ratio = torch.exp(cur - old)
         clip_active = (-adv * ratio.clamp(1 - cfg.ratio_clip_min, 1 + cfg.ratio_clip_max)) > (-adv * ratio)
-        selected, _ = _per_call_selection(cfg, cur.float(), adv.float(), mask, clip_active, uids, 3)
+        selected = reference_selection(cfg, cur.float(), adv.float(), mask, token_uids=uids, step=3,
+                                       clip_active=clip_active & mask).selected
     x = cur.float().clone().requires_grad_()
     loss, metrics = policy_loss(cfg, x, old.float(), adv.float(), mask,
                                 selected=selected if scope == "batch" else None, token_uids=uids, step=3)
@@ -109,8 +110,8 @@ def test_microbatch_kl_cov_reproduces_the_reference_exactly(ratio):
     per = -adv.float() * r + cfg.kl_cov_coef * (cur.float() - old.float()).abs() * selected.float()
     expected = (per * mask.float()).sum() / mask.float().sum()
     assert float(loss) == pytest.approx(float(expected), rel=1e-6, abs=1e-7)
-    ours, _ = _per_call_selection(cfg, cur.float(), adv.float(), mask, torch.zeros_like(mask),
-                                  token_uids_for(torch.arange(16), 64), 0)
+    ours = reference_selection(cfg, cur.float(), adv.float(), mask, token_uids=token_uids_for(torch.arange(16), 64),
+                               step=0, clip_active=torch.zeros_like(mask)).selected
     assert torch.equal(ours, selected)
 
 
@@ -126,7 +127,8 @@ def test_microbatch_clip_cov_has_the_references_candidates_and_count():
     cov = (a - (a * m).sum() / m.sum()) * (c - (c * m).sum() / m.sum())
     candidates = (cov > 0.05) & (cov < 5.0) & mask & ~clip_by_origin
     k = max(int(0.02 * int(mask.sum())), 1)
-    ours, _ = _per_call_selection(cfg, c, a, mask, clip_by_origin, token_uids_for(torch.arange(16), 64), 5)
+    ours = reference_selection(cfg, c, a, mask, token_uids=token_uids_for(torch.arange(16), 64), step=5,
+                               clip_active=clip_by_origin).selected
     assert int(ours.sum()) == min(k, int(candidates.sum())) and int(ours.sum()) > 0
     assert not bool((ours & ~candidates).any())
     loss, metrics = policy_loss(cfg, c, o, a, mask, step=5, token_uids=token_uids_for(torch.arange(16), 64))

@@ -29,6 +29,7 @@ from nemo_entropy import train
 from nemo_entropy.config import loss_config
 from nemo_entropy.integrations import BatchSelectionPolicy, EntropyControlLossFn, batch_keys
 from nemo_entropy.integrations.nemo_rl_run import check_nemo_rl_run_config, install, save_state_counter
+from nemo_entropy.plan import plan_from_batch
 from nemo_entropy.selection import select_tokens, token_uids_for
 from tests.distributed import run_distributed
 
@@ -75,7 +76,8 @@ def _selected_uids_by_step(calls) -> dict[int, set[int]]:
     for call in calls:
         data = call["data"]
         step = int(data[batch_keys.STEP][0])
-        chosen = data[batch_keys.TOKEN_UIDS][data[batch_keys.SELECTED] != 0]
+        selected = plan_from_batch(data, global_valid_tokens=1, global_valid_seqs=1).selected
+        chosen = data[batch_keys.TOKEN_UIDS][:, 1:][selected]
         out.setdefault(step, set()).update(chosen.tolist())
     return out
 

@@ -14,7 +14,7 @@ from nemo_entropy import train
 CONF = Path(__file__).resolve().parent.parent / "conf"
 OURS = ["grpo_7b_kl_cov", "grpo_7b_clip_cov", "grpo_32b_kl_cov", "grpo_32b_clip_cov", "grpo_32b_baseline"]
 LOCAL = sorted(p.stem for p in CONF.glob("local_*.yaml"))  # the engine engineer's, when present
-PAPER = {  # ANCHORS.md, the paper's recipes
+PAPER = {  # the paper's recipes (arXiv 2505.22617)
     "grpo_7b_kl_cov": dict(method="kl_cov", ratio=2e-3, eps=0.2, model="Qwen/Qwen2.5-7B", nodes=2),
     "grpo_7b_clip_cov": dict(method="clip_cov", ratio=2e-4, eps=1.0, model="Qwen/Qwen2.5-7B", nodes=2),
     "grpo_32b_kl_cov": dict(method="kl_cov", ratio=2e-4, eps=0.2, model="Qwen/Qwen2.5-32B", nodes=4),

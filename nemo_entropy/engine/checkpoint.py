@@ -15,7 +15,9 @@ from typing import Any, Optional
 
 import torch
 
-from nemo_entropy.parallel import ProcessGroup, barrier
+from nemo_entropy.parallel import ProcessGroup
+
+from .processes import barrier
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE_MARKER = "COMPLETE"

@@ -18,27 +18,18 @@ from typing import Any, Optional
 
 import torch
 
-from nemo_entropy.parallel import (
+from .processes import (
     destroy_process_group,
     distributed_env_present,
     init_process_group_from_env,
     world_rank_and_size,
 )
 
+from nemo_entropy.config import to_plain
+
 from .preemption import REQUEUE_EXIT_CODE
 from .settings import EngineSettings
 from .trainer import GRPOTrainer, Preempted, build_layout
-
-
-def _plain(cfg: Any) -> dict:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return dict(cfg)
 
 
 def _print_outputs(result: dict[str, Any]) -> None:
@@ -170,7 +161,7 @@ def run_local(cfg: Any, *, _after_step=None) -> dict:
     Pre-emption raises ``SystemExit(REQUEUE_EXIT_CODE)`` after the checkpoint.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    cfg_dict = _plain(cfg)
+    cfg_dict = dict(to_plain(cfg))
     if distributed_env_present() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         init_process_group_from_env("gloo")
         try:

@@ -135,28 +135,3 @@ class TinyPolicy(nn.Module):
         padded[: self.vocab_size] = state["lm_head"]
         with torch.no_grad():
             self.lm_head_shard.copy_(padded[self.vocab_start : self.vocab_start + self.vocab_per_rank])
-
-
-def _plain_entropy_and_logprobs(logits_shard, targets, *, groups=None, vocab_start=None, vocab_size=None):
-    """Stand-in with the signature of nemo_entropy.entropy.vocab_parallel_entropy_and_logprobs.
-
-    Gathers the shards (differentiably) and computes the full softmax; used only while the kernels
-    package is absent.
-    """
-    from nemo_entropy.parallel import as_tp_group
-
-    full = gather_from_tp_region(logits_shard, as_tp_group(groups)).float()
-    if vocab_size is not None:
-        full = full[..., :vocab_size]
-    logp = torch.log_softmax(full, dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    return entropy, logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_and_logprobs_fn():
-    """The vocab-parallel entropy/log-prob function: the kernels package's, or the plain stand-in."""
-    try:
-        from nemo_entropy.entropy import vocab_parallel_entropy_and_logprobs
-    except ImportError:
-        return _plain_entropy_and_logprobs
-    return vocab_parallel_entropy_and_logprobs

@@ -13,7 +13,9 @@ import signal
 import threading
 from typing import Optional
 
-from nemo_entropy.parallel import ProcessGroup, all_reduce_flag
+from nemo_entropy.parallel import ProcessGroup
+
+from .processes import all_reduce_flag
 
 REQUEUE_EXIT_CODE = 3
 PREEMPT_FILE_ENV = "NEMO_ENTROPY_PREEMPT_FILE"

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import TinyPolicy, entropy_and_logprobs_fn
+from nemo_entropy.entropy import vocab_parallel_entropy_and_logprobs
+
+from .model import TinyPolicy
 from .task import EOS, PAD, AdditionTask, response_mask, stream_seed
 
 
@@ -69,8 +71,8 @@ def score(
     shard = policy.logits_shard(hidden)
     if temperature != 1.0:
         shard = shard / temperature
-    fn = entropy_and_logprobs_fn()
-    return fn(shard, responses, groups=policy.tp_group, vocab_start=policy.vocab_start, vocab_size=policy.vocab_size)
+    return vocab_parallel_entropy_and_logprobs(shard, responses, groups=policy.tp_group,
+                                               vocab_start=policy.vocab_start, vocab_size=policy.vocab_size)
 
 
 def group_advantages(

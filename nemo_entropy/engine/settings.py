@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from nemo_entropy.config import to_plain
+
 from .task import SUPPORTED_TASKS
 
 # NeMo-RL's loss_fn section may carry keys our loss does not take (e.g. added by newer NeMo-RL releases);
@@ -24,17 +26,6 @@ MODEL_KEYS = {
     "attn_implementation", "init_std",
 }
 WARM_START_KEYS = {"steps", "batch_size", "lr", "cache_dir"}
-
-
-def _to_plain(cfg: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(cfg, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a hard dependency
-        pass
-    return cfg
 
 
 def _select(cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
@@ -123,7 +114,7 @@ class EngineSettings:
         """Resolve and validate; ``world_size`` (inside a launch) overrides ``engine.nproc``."""
         from nemo_entropy.config import loss_config
 
-        raw = _to_plain(cfg)
+        raw = to_plain(cfg)
         if not isinstance(raw, Mapping):
             raise TypeError(f"the run config must be a mapping, got {type(cfg).__name__}")
         backend = _select(raw, "backend", "local")

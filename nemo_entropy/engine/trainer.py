@@ -26,24 +26,16 @@ from typing import Any, Callable, Optional
 import torch
 
 from nemo_entropy.config import loss_config
+from nemo_entropy.controls import ControlSet
 from nemo_entropy.losses import accumulate_metrics, metric_reduction, policy_loss
-from nemo_entropy.parallel import (
-    ParallelGroups,
-    ProcessGroup,
-    all_gather_objects,
-    barrier,
-    group_all_reduce,
-    new_subgroups,
-    tp_all_reduce,
-    world_group,
-    world_rank_and_size,
-)
-from nemo_entropy.selection import covariance_scores, select_tokens_with_scores
+from nemo_entropy.parallel import ParallelGroups, ProcessGroup, new_subgroups, tp_all_reduce
+from nemo_entropy.plan import StepInputs, build_step_plan
 
 from .checkpoint import latest_complete_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog, entropy_summary, write_run_info
 from .model import TinyPolicy
 from .preemption import PreemptionWatcher
+from .processes import all_gather_objects, barrier, group_all_reduce, world_group, world_rank_and_size
 from .rollout import Rollout, collect_rollout, greedy_accuracy
 from .settings import EngineSettings
 from .task import build_task, stream_seed
@@ -104,6 +96,7 @@ class GRPOTrainer:
         self.after_step = after_step
         self.task = build_task(settings.task)
         self.loss_cfg = loss_config(settings.loss_fn)
+        self.controls = ControlSet(self.loss_cfg)
         self.max_positions = self.task.prompt_length + self.task.max_response_length
         self.policy = self._build_policy(layout.tp_group, layout.tp_rank, layout.tp_size)
         self.optimizer = torch.optim.AdamW(
@@ -140,6 +133,7 @@ class GRPOTrainer:
             self.optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng"]["torch"])
             self.step, self.optimizer_step = state["step"], state["optimizer_step"]
+            self.controls.load_state_dict(state.get("controls", {}))
             self.warm_start_info = state.get("warm_start", {})
             self.resumed_from = step
             if self.is_logger:
@@ -220,47 +214,38 @@ class GRPOTrainer:
         cfg, groups = self.loss_cfg, self.layout.groups
         per_rank = self.s.train_global_batch_size // self.layout.dp_size
         length = rollout.responses.shape[1]
+        wants_entropy = "entropy" in self.controls.needs
         totals: dict[str, float] = {}
         grad_norms = []
         selected_counts = []
         for j in range(self.s.optimizer_steps_per_rollout):
             rows = slice(j * per_rank, (j + 1) * per_rank)
-            old = rollout.old_logprobs[rows]
-            mask = rollout.mask[rows]
+            old, mask = rollout.old_logprobs[rows], rollout.mask[rows]
             adv = rollout.advantages[rows, None].expand(-1, length).contiguous()
             uids = rollout.sample_ids[rows, None] * length + torch.arange(length)
-            if cfg.method != "ppo" and cfg.scope == "batch":
-                selected, scores = select_tokens_with_scores(cfg, old, adv, mask, token_uids=uids,
-                                                             step=self.optimizer_step, groups=groups)
-            else:
-                selected, scores = None, covariance_scores(old, adv, mask, groups=groups, form=cfg.cov_form)
-            local_counts = torch.stack([
-                mask.sum(), mask.any(-1).sum(), (selected & mask).sum() if selected is not None else torch.tensor(0),
-            ]).to(torch.float64)
-            counts = groups.token_all_reduce_sum(local_counts)
-            gvt, gvs, gsel = (counts[i].float() for i in range(3))
+            # Every collective of the step's controls happens here, once (nemo_entropy.plan).
+            plan = build_step_plan(cfg, StepInputs(old, adv, mask, uids, old_entropy=rollout.entropy[rows]),
+                                   step=self.optimizer_step, groups=groups, controls=self.controls)
             self.optimizer.zero_grad(set_to_none=True)
             step_metrics: dict[str, float] = {}
             for start in range(0, per_rank, self.s.train_micro_batch_size):
-                mb = slice(j * per_rank + start, j * per_rank + min(per_rank, start + self.s.train_micro_batch_size))
                 local = slice(start, min(per_rank, start + self.s.train_micro_batch_size))
-                _, logprobs = self._score(rollout.prompts[mb], rollout.responses[mb])
-                loss, metrics = policy_loss(
-                    cfg, logprobs, old[local], adv[local], mask[local],
-                    selected=None if selected is None else selected[local], scores=scores[local],
-                    global_valid_tokens=gvt, global_valid_seqs=gvs,
-                    # ppo selects nothing; scope=microbatch selects per call and counts inside the loss.
-                    global_selected_tokens=gsel if selected is not None or cfg.method == "ppo" else None,
-                    groups=groups, token_uids=uids[local], step=self.optimizer_step,
-                )
+                mb = slice(j * per_rank + local.start, j * per_rank + local.stop)
+                entropy, logprobs = self._score(rollout.prompts[mb], rollout.responses[mb])
+                loss, metrics = policy_loss(cfg, logprobs, old[local], adv[local], mask[local], plan=plan.rows(local),
+                                            entropy=entropy if wants_entropy else None, controls=self.controls,
+                                            token_uids=uids[local])
                 loss.backward()
                 accumulate_metrics(step_metrics, metrics)
             grad_norms.append(self._all_reduce_grads())
             self.optimizer.step()
             self.optimizer_step += 1
+            self.controls.update(plan)  # same plan on every rank: same state on every rank
             step_metrics = self._reduce_over_dp(step_metrics)
             step_metrics.pop("num_valid_tokens", None)
-            selected_counts.append(float(gsel) if selected is not None else step_metrics.get("selected_fraction", 0.0) * float(gvt))
+            selected = plan.global_selected_tokens
+            selected_counts.append(selected if selected is not None
+                                   else step_metrics.get("selected_fraction", 0.0) * plan.global_valid_tokens)
             accumulate_metrics(totals, step_metrics, divisor=self.s.optimizer_steps_per_rollout)
         totals["grad_norm"] = sum(grad_norms) / len(grad_norms)
         totals["selected_tokens"] = sum(selected_counts)
@@ -319,9 +304,8 @@ class GRPOTrainer:
             "optimizer_step": self.optimizer_step,
             # Prompts and sampling noise are pure functions of (seed, step, index): the data position is the step.
             "data_position": {"next_step": self.step + 1},
-            # The losses of this package are stateless functions of the batch; a stateful entropy
-            # controller would store its state here.
-            "controller": {},
+            # Stateful controls (coefficients, integrals), identical on every rank.
+            "controls": self.controls.state_dict(),
             "warm_start": self.warm_start_info,
             "loss_fn": self.loss_cfg.to_dict(),
         }

@@ -1,4 +1,4 @@
-"""Vocab-parallel entropy and log-prob of the sampled token, with gradients (DESIGN.md section 5).
+"""Vocab-parallel entropy and log-prob of the sampled token, with gradients (docs/kernels.md).
 
 Public API::
 

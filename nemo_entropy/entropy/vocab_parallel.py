@@ -179,8 +179,10 @@ def _shard_geometry(
     if vocab_size is None:
         vocab_size = v_local * tp.tp_world_size
     vocab_start, vocab_size = int(vocab_start), int(vocab_size)
-    if vocab_size < 1:
-        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    if not 1 <= vocab_size <= v_local * tp.tp_world_size:
+        # Larger would give the targets past the last shard a logit of 0 instead of an error.
+        raise ValueError(f"vocab_size must be in [1, {v_local * tp.tp_world_size}] (shard width {v_local} x TP size "
+                         f"{tp.tp_world_size}), got {vocab_size}")
     if not 0 <= vocab_start < v_local * tp.tp_world_size:
         raise ValueError(
             f"vocab_start must be in [0, {v_local * tp.tp_world_size}) (shard width {v_local} x TP size "

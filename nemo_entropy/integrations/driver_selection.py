@@ -1,28 +1,37 @@
-"""Batch-scope selection on the NeMo-RL driver, before the batch is sharded over workers.
+"""The step plans on the NeMo-RL driver, built before the batch is sharded over workers.
 
 In ``grpo_train`` the driver holds the whole rollout batch (``prev_logprobs``, ``advantages``, masks) before
 it calls ``policy.train(train_data, loss_fn)``. NeMo-RL then cuts the batch into optimizer steps of
 ``train_global_batch_size`` consecutive samples (``shard_by_batch_size`` chunks first, then splits each chunk
-over DP ranks), so optimizer step ``j`` trains on samples ``[j * gbs, (j + 1) * gbs)``. We run the exact
-selection over each such chunk here, in one process (no collective), and attach per-token results to the
-batch (:mod:`~nemo_entropy.integrations.batch_keys`); they travel with their tokens through sharding,
-packing and micro-batching, and the loss reads them.
+over DP ranks), so optimizer step ``j`` trains on samples ``[j * gbs, (j + 1) * gbs)``. We build each step's plan
+here (:func:`nemo_entropy.plan.build_step_plan` over the whole step, in one process: no collective) and attach
+it to the batch (:func:`nemo_entropy.plan.plan_to_batch`); it travels with its tokens through sharding, packing
+and micro-batching, and the loss reads it back.
 
-:class:`BatchSelectionPolicy` wraps NeMo-RL's policy object so that this happens on every
-``policy.train`` call, without touching NeMo-RL's training loop.
+:class:`BatchSelectionPolicy` wraps NeMo-RL's policy so that this happens on every ``policy.train`` call without
+touching NeMo-RL's training loop. Stateful controls (an adaptive coefficient, a PI controller) live here, on the
+driver: their state advances once per optimizer step from the step's plan, and is saved next to NeMo-RL's own
+checkpoint (:data:`STATE_FILE`) and restored on resume.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import os
+from typing import Any, Optional
 
 import torch
 
 from ..config import LossConfig
-from ..selection import select_tokens_with_scores, token_uids_for
+from ..controls import ControlSet
+from ..plan import StepInputs, build_step_plan, plan_to_batch
+from ..selection import token_uids_for
 from . import batch_keys
 
-__all__ = ["attach_batch_selection", "BatchSelectionPolicy", "optimizer_step_slices"]
+__all__ = ["attach_batch_selection", "BatchSelectionPolicy", "optimizer_step_slices", "STATE_FILE"]
+
+STATE_FILE = "nemo_entropy_controls.json"
+"""Saved inside each NeMo-RL checkpoint directory: the driver-side controls' state and the optimizer step."""
 
 
 def optimizer_step_slices(batch_size: int, train_global_batch_size: int) -> list[slice]:
@@ -44,61 +53,58 @@ def attach_batch_selection(
     train_global_batch_size: int,
     first_step: int,
     attach_mask: bool = True,
+    controls: Optional[ControlSet] = None,
 ) -> int:
-    """Compute the selection of every optimizer step of ``train_data`` and attach it (in place).
+    """Build the plan of every optimizer step of ``train_data`` and attach it (in place).
 
     ``train_data`` is NeMo-RL's BatchedDataDict (any mutable mapping of tensors works) with ``token_mask``,
     ``sample_mask``, ``prev_logprobs`` and ``advantages`` ([B, S]; per-token tensors are used shifted by one).
-    Always attached: token uids (sample index in the batch x S + position) and the step index per sample.
-    With ``attach_mask`` (driver mode) also the selected mask, the covariance scores and the selected count of
-    each step; without it (in-worker mode) the workers select themselves from the same uids and steps.
+    Always attached: token uids (sample index in the batch x S + position) and the step index per sample. With
+    ``attach_mask`` (driver mode) also each step's plan (selection, scores, the controls' values), built with
+    ``controls`` (their state advances by one update per step); without it (in-worker mode) the workers plan
+    over their own calls from the same uids and steps.
 
     Returns the number of optimizer steps in the batch (the caller advances its step counter by it).
     """
+    controls = controls if controls is not None else ControlSet(config)
     token_mask, sample_mask = train_data["token_mask"], train_data["sample_mask"]
     batch, length = token_mask.shape
     device = token_mask.device
     uids = token_uids_for(torch.arange(batch, device=device), length)
     slices = optimizer_step_slices(batch, train_global_batch_size)
     steps = torch.empty(batch, dtype=torch.int64, device=device)
-    selected_full = torch.zeros(batch, length, dtype=torch.float32, device=device)
-    scores_full = torch.zeros(batch, length, dtype=torch.float32, device=device)
-    selected_count = torch.zeros(batch, dtype=torch.float32, device=device)
+    plans = []
     for j, rows in enumerate(slices):
         step = first_step + j
         steps[rows] = step
         if not attach_mask:
             continue
         mask = (token_mask[rows, 1:] * sample_mask[rows].unsqueeze(-1)) != 0
-        old = torch.where(mask, train_data["prev_logprobs"][rows, 1:].float(), torch.zeros(()))
-        adv = torch.where(mask, train_data["advantages"][rows, 1:].float(), torch.zeros(()))
-        selected, scores = select_tokens_with_scores(config, old, adv, mask, token_uids=uids[rows, 1:].contiguous(),
-                                                     step=step)
-        selected_full[rows, 1:] = selected.float()
-        scores_full[rows, 1:] = scores.float()
-        selected_count[rows] = float(selected.sum())
+        inputs = StepInputs(train_data["prev_logprobs"][rows, 1:], train_data["advantages"][rows, 1:], mask,
+                            uids[rows, 1:].contiguous())
+        plan = build_step_plan(config, inputs, step=step, controls=controls)
+        controls.update(plan)
+        plans.append((rows, plan))
     train_data[batch_keys.TOKEN_UIDS] = uids
     train_data[batch_keys.STEP] = steps
     if attach_mask:
-        train_data[batch_keys.SELECTED] = selected_full
-        train_data[batch_keys.COV_SCORES] = scores_full
-        train_data[batch_keys.STEP_SELECTED] = selected_count
+        train_data.update(plan_to_batch(plans, batch, length, device=device))
     return len(slices)
 
 
 class BatchSelectionPolicy:
-    """Wraps NeMo-RL's policy: ``train(data, loss_fn, ...)`` first attaches the batch-scope selection.
+    """Wraps NeMo-RL's policy: ``train(data, loss_fn, ...)`` first attaches the step plans of the batch.
 
     Every other attribute and method is the wrapped policy's. The optimizer-step counter (Clip-Cov's hash
-    keys use it) starts at ``first_step`` (pass ``grpo_save_state`` step x steps per rollout when resuming)
+    keys use it) starts at ``first_step`` (NeMo-RL's save state's step x steps per rollout when resuming)
     and advances by the number of optimizer steps of each ``train`` call.
 
     Args:
         policy: NeMo-RL's ``Policy`` (or anything with ``train(data, loss_fn, ...)``).
         config: the validated loss config.
         train_global_batch_size: ``policy.train_global_batch_size`` (samples per optimizer step).
-        mode: ``"driver"`` (select here, attach the mask) or ``"worker"`` (attach only uids and steps; the loss
-            selects inside the workers over the token group).
+        mode: ``"driver"`` (plan here, attach it) or ``"worker"`` (attach only uids and steps; the loss plans
+            inside the workers over the token group).
         first_step: optimizer step of the first ``train`` call.
     """
 
@@ -111,6 +117,7 @@ class BatchSelectionPolicy:
         self._gbs = int(train_global_batch_size)
         self._mode = mode
         self.optimizer_step = int(first_step)
+        self.controls = ControlSet(config)
 
     @property
     def wrapped_policy(self) -> Any:
@@ -118,14 +125,34 @@ class BatchSelectionPolicy:
         return self._policy
 
     def train(self, data: Any, loss_fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Attach the selection of every optimizer step of ``data``, then call the policy's ``train``."""
+        """Attach the plan of every optimizer step of ``data``, then call the policy's ``train``."""
         eval_mode = kwargs.get("eval_mode", args[0] if args else False)
         gbs = kwargs.get("gbs") or (args[1] if len(args) > 1 and args[1] else self._gbs)
-        if not eval_mode:  # also for ppo: the scores give exact covariance diagnostics of the baseline
+        if not eval_mode:  # also for ppo: the plan's scores give exact covariance diagnostics of the baseline
             steps = attach_batch_selection(data, self._config, train_global_batch_size=int(gbs),
-                                           first_step=self.optimizer_step, attach_mask=self._mode == "driver")
+                                           first_step=self.optimizer_step, attach_mask=self._mode == "driver",
+                                           controls=self.controls)
             self.optimizer_step += steps
         return self._policy.train(data, loss_fn, *args, **kwargs)
+
+    # ------------------------------------------------------------------ checkpointed state
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer_step": self.optimizer_step, "controls": self.controls.state_dict()}
+
+    def save_state(self, checkpoint_dir: str) -> None:
+        """Write the driver-side state into a NeMo-RL checkpoint directory (:data:`STATE_FILE`)."""
+        with open(os.path.join(checkpoint_dir, STATE_FILE), "w") as f:
+            json.dump(self.state_dict(), f)
+
+    def load_state(self, checkpoint_dir: str) -> bool:
+        """Restore the controls' state from a NeMo-RL checkpoint directory; False when it holds none."""
+        path = os.path.join(checkpoint_dir, STATE_FILE)
+        if not os.path.isfile(path):
+            return False
+        with open(path) as f:
+            state = json.load(f)
+        self.controls.load_state_dict(state.get("controls", {}))
+        return True
 
     def __getattr__(self, name: str) -> Any:
         # Only called for attributes not found on the wrapper: everything else is the policy's.

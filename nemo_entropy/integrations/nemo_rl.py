@@ -1,7 +1,7 @@
 """The NeMo-RL loss adapter: Clip-Cov / KL-Cov / PPO with ``ClippedPGLossFn``'s interface, keys and metrics.
 
 One class, :class:`EntropyControlLossFn`, answers both generations of NeMo-RL's loss interface
-(shared/ANCHORS.md, NeMo-RL section):
+(docs/nemo_rl.md):
 
 * **<= v0.5**: ``loss_fn(next_token_logits, data, global_valid_seqs, global_valid_toks,
   vocab_parallel_rank=None, vocab_parallel_group=None, context_parallel_group=None)``. Megatron passes its
@@ -20,11 +20,12 @@ per-sequence means over ``global_valid_seqs``), metrics are pre-divided so that 
 micro-batches and DP ranks gives the batch value, extrema are ``probs_ratio_min``-style names with
 ``inf`` sentinels, and ``metric_normalizations`` tells a split-API trainer which count each metric used.
 
-Selection (``scope: batch``): the driver-side wrapper (:mod:`nemo_entropy.integrations.driver_selection`)
-attaches the selected-token mask of each optimizer step to the batch; the loss uses it and issues no
-collective at all. Without it, the loss selects over the tokens of *this call* across the token group
-(DP of the last pipeline stage, from megatron-core); that equals the batch selection only when each rank's
-call holds its whole share of the optimizer step (one micro-batch per step), see docs/nemo_rl.md.
+The step plan (``scope: batch``): the driver-side wrapper (:mod:`nemo_entropy.integrations.driver_selection`)
+builds each optimizer step's plan (:mod:`nemo_entropy.plan`: the covariance selection, the controls' coefficients)
+and attaches it to the batch; the loss reads it back (:func:`~nemo_entropy.plan.plan_from_batch`) and issues no
+collective at all. ``selection='worker'`` instead builds the plan over this call's tokens across the token group
+(DP of the last pipeline stage, from megatron-core); the run entry allows it only where one call holds a rank's
+whole share of the step. In driver mode a batch without the plan is an error when the config needs one.
 
 NeMo-RL is imported lazily and only for its enums; without NeMo-RL, stand-in enums with the same values
 are used, so the adapter can be tested on CPU with plain tensors.
@@ -34,21 +35,21 @@ from __future__ import annotations
 
 import enum
 import math
-import warnings
 from dataclasses import replace
 from typing import Any, Mapping, Optional
 
 import torch
 
-from ..config import LossConfig, loss_config
-from ..losses import policy_loss
-from ..losses import regularizers
-from ..parallel import ParallelGroups
+from ..config import NEMO_RL_DEFAULTS, LossConfig, loss_config, to_plain
+from ..controls import ControlSet
+from ..entropy import vocab_parallel_entropy_and_logprobs
+from ..losses import diagnostics, nemo_rl_terms, policy_loss
+from ..losses.normalization import zero_masked
+from ..parallel import ParallelGroups, group_world_size
+from ..plan import plan_from_batch
 from . import batch_keys
 
 __all__ = ["EntropyControlLossFn", "nemo_rl_enums", "loss_config_from_nemo_rl"]
-
-NEMO_RL_DEFAULT_KL_PENALTY = 0.01  # ClippedPGLossConfig.reference_policy_kl_penalty
 
 
 # ----------------------------------------------------------------------------------------------- enums
@@ -91,34 +92,20 @@ def nemo_rl_enums() -> tuple[type, type, type]:
     return loss_type, input_type, normalizer
 
 
-def _plain_mapping(cfg: Any) -> dict[str, Any]:
-    """A dict from NeMo-RL's loss config: a TypedDict/dict (<= v0.6), a pydantic model (>= v0.7), OmegaConf."""
-    if isinstance(cfg, LossConfig):
-        return cfg.to_dict()
-    if hasattr(cfg, "model_dump"):
-        return dict(cfg.model_dump())
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return dict(OmegaConf.to_container(cfg, resolve=True))
-    except ImportError:  # pragma: no cover - omegaconf is a core dependency
-        pass
-    if isinstance(cfg, Mapping):
-        return dict(cfg)
-    raise TypeError(f"loss config must be a mapping, a pydantic model or a LossConfig, got {type(cfg).__name__}")
-
-
 def loss_config_from_nemo_rl(cfg: Any) -> LossConfig:
     """Validate NeMo-RL's ``loss_fn`` section (with our keys) into a :class:`LossConfig`.
 
     Keys left out take NeMo-RL's defaults (``reference_policy_kl_penalty`` 0.01, not LossConfig's 0.0).
     ``truncated_importance_sampling_ratio`` without a type means ``tis`` (NeMo-RL <= v0.5 had no type key).
     """
-    values = _plain_mapping(cfg)
-    # The adapter *is* NeMo-RL's loss: a key the section leaves out takes NeMo-RL's default, which differs
-    # from LossConfig's (0.0, the paper's recipes) only here.
-    values.setdefault("reference_policy_kl_penalty", NEMO_RL_DEFAULT_KL_PENALTY)
+    if isinstance(cfg, LossConfig):
+        return cfg
+    values = to_plain(cfg)
+    if not isinstance(values, Mapping):
+        raise TypeError(f"loss config must be a mapping, a pydantic model or a LossConfig, got {type(cfg).__name__}")
+    # The adapter *is* NeMo-RL's loss: a key the section leaves out takes NeMo-RL's default.
+    for key, default in NEMO_RL_DEFAULTS.items():
+        values.setdefault(key, default)
     if values.get("truncated_importance_sampling_ratio") is not None and \
             values.get("truncated_importance_sampling_type") is None:
         values["truncated_importance_sampling_type"] = "tis"
@@ -132,31 +119,13 @@ def _entropy_and_logprobs(
     tp_group: Optional[Any],
     vocab_start: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token (entropy, log-prob of target) from a (TP-sharded) logits block [B, T, V_local]."""
-    try:
-        from ..entropy import vocab_parallel_entropy_and_logprobs
-    except ImportError:
-        vocab_parallel_entropy_and_logprobs = None
-    if vocab_parallel_entropy_and_logprobs is not None:
-        return vocab_parallel_entropy_and_logprobs(
-            logits_local, targets, groups=tp_group, vocab_start=vocab_start,
-        )
-    if tp_group is not None:
-        raise RuntimeError(
-            "vocab-parallel logits need nemo_entropy.entropy.vocab_parallel_entropy_and_logprobs, which is not "
-            "available in this installation; use the LOGPROB input (nemo_rl.input_type: logprob)"
-        )
-    # Unsharded: plain log-softmax (fp32), the reference the kernels are tested against.
-    log_probs = torch.log_softmax(logits_local.float(), dim=-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return entropy, log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    """Per-token (entropy, log-prob of target) from a (TP-sharded) logits block [B, T, V_local], differentiable."""
+    return vocab_parallel_entropy_and_logprobs(logits_local, targets, groups=tp_group, vocab_start=vocab_start)
 
 
 def _is_dtensor(x: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - old torch
-        return False
+    from torch.distributed.tensor import DTensor
+
     return isinstance(x, DTensor)
 
 
@@ -188,6 +157,8 @@ class EntropyControlLossFn:
             hands over logits; the full-vocabulary entropy is then logged). NeMo-RL <= v0.5 always passes
             logits, whatever this says.
         log_entropy: compute the full-vocabulary entropy metric when logits are available.
+        selection: ``"driver"`` (the step plan comes attached to the batch; default) or ``"worker"`` (the loss
+            plans over its own call across the token group; see the module doc).
         groups: explicit :class:`ParallelGroups` for in-worker selection (tests, custom launchers); by
             default they come from megatron-core's ``parallel_state`` when it is initialised.
     """
@@ -199,6 +170,7 @@ class EntropyControlLossFn:
         *,
         input_type: str = "logprob",
         log_entropy: bool = True,
+        selection: str = "driver",
         groups: Optional[ParallelGroups] = None,
     ):
         if input_type not in ("logprob", "logit"):
@@ -208,14 +180,20 @@ class EntropyControlLossFn:
                 "nemo_rl.input_type='logit' is incompatible with policy.megatron_cfg.use_fused_linear_logprobs=true: "
                 "the fused model returns 2-D log-probs, not logits; use nemo_rl.input_type='logprob'"
             )
+        if selection not in ("driver", "worker"):
+            raise ValueError(f"nemo_rl.selection={selection!r} is invalid: allowed 'driver' or 'worker'")
         self.config = loss_config_from_nemo_rl(cfg)
+        self.controls = ControlSet(self.config)  # stateless here: the plan carries the values of stateful ones
+        if "entropy" in self.controls.needs and input_type != "logit":
+            raise ValueError(f"loss_fn controls {[c.name for c in self.controls if 'entropy' in c.needs]} need the "
+                             "full-vocabulary entropy with its gradient: set nemo_rl.input_type=logit")
+        self.selection = selection
         loss_type, input_enum, normalizer = nemo_rl_enums()
         self.loss_type = loss_type.TOKEN_LEVEL if self.config.token_level_loss else loss_type.SEQUENCE_LEVEL
         self.input_type = input_enum.LOGIT if input_type == "logit" else input_enum.LOGPROB
         self.use_fused_linear_logprobs = bool(use_fused_linear_logprobs)
         self.log_entropy = log_entropy
         self._groups = groups
-        self._warned_in_worker = False
         # NeMo-RL's prepare_loss_input reads this to decide whether it needs unfiltered log-probs.
         self.reference_policy_kl_penalty = (
             0.0 if self.config.use_kl_in_reward else self.config.reference_policy_kl_penalty
@@ -229,10 +207,12 @@ class EntropyControlLossFn:
             "probs_ratio_clamped_min": "none", "probs_ratio_clamped_max": "none",
             "num_valid_samples": "none", "num_valid_tokens": "none",
             "entropy": "tokens", "clip_fraction": "tokens", "selected_fraction": "tokens",
-            "kl_to_old": "tokens", "ratio_mean": "tokens", "cov_mean": "tokens", "entropy_proxy": "tokens",
+            "kl_to_old": "tokens", "cov_mean": "tokens", "entropy_proxy": "tokens",
             "cov_selected_mean": "none",
-            **regularizers.metric_normalizations(self.config),
+            **diagnostics.metric_normalizations(self.config),
         }
+        for control in self.controls:
+            names.update(control.metric_normalizations())
         self.metric_normalizations = {k: by_name[v] for k, v in names.items()}
 
     # ------------------------------------------------------------------ call
@@ -263,6 +243,9 @@ class EntropyControlLossFn:
 
         entropy = None
         if logprobs is None:
+            if logits.dim() == 2:
+                raise ValueError("EntropyControlLossFn got 2-D logits (NeMo-RL's fused linear log-probs?): the LOGIT "
+                                 "input needs [batch, length, vocab] logits; use nemo_rl.input_type=logprob")
             logprobs, entropy = self._logprobs_from_logits(
                 logits, data, vocab_parallel_rank, vocab_parallel_group, context_parallel_group
             )
@@ -285,7 +268,7 @@ class EntropyControlLossFn:
                 found = _megatron_groups() if self.input_type.value == "logit" else None
                 if found is not None:
                     tp_group, tp_rank, cp_group = found
-            if cp_group is not None and torch.distributed.get_world_size(cp_group) > 1:
+            if group_world_size(cp_group) > 1:
                 # Megatron shards the sequence over CP in load-balanced chunks; NeMo-RL's own helper maps
                 # the targets and gathers the log-probs. The entropy metric is skipped in this layout.
                 return self._delegate_to_nemo_rl(logits, data, tp_rank, tp_group, cp_group), None
@@ -296,7 +279,8 @@ class EntropyControlLossFn:
         block = local[:, : length - 1]
         targets = input_ids[:, 1:].to(block.device)
         entropy, logprobs = _entropy_and_logprobs(block, targets, tp_group, vocab_start)
-        return logprobs, (entropy.detach() if self.log_entropy else None)
+        keep = self.log_entropy or "entropy" in self.controls.needs
+        return logprobs, (entropy if keep else None)
 
     @staticmethod
     def _delegate_to_nemo_rl(logits, data, tp_rank, tp_group, cp_group):
@@ -317,133 +301,73 @@ class EntropyControlLossFn:
             raise ValueError(
                 f"next-token log-probs have shape {tuple(curr.shape)} but token_mask[:, 1:] has {tuple(mask.shape)}"
             )
-        advantages = data["advantages"][:, 1:].float()
-        if cfg.force_on_policy_ratio:
-            prev = curr.detach()  # NeMo-RL: no prev_logprobs needed, ratio exactly 1
-        else:
-            prev = data["prev_logprobs"][:, 1:].float()
-        generation = data["generation_logprobs"][:, 1:].float() if "generation_logprobs" in data else prev
-        reference = None
-        if self.reference_policy_kl_penalty != 0:
-            reference = data["reference_policy_logprobs"][:, 1:].float()
-        # Padding and masked positions may hold anything (even -inf): zero them so that nothing non-finite
-        # reaches a product with a 0 mask.
-        zero = lambda t: None if t is None else torch.where(mask, t, torch.zeros_like(t))  # noqa: E731
-        prev, generation, reference, advantages = zero(prev), zero(generation), zero(reference), zero(advantages)
-        curr_for_loss = torch.where(mask, curr, torch.zeros_like(curr))
-
-        selection = self._attached_selection(data, mask)
-        groups = None
-        if selection is None and cfg.method != "ppo" and cfg.scope == "batch":
+        # Padding may hold anything (-inf log-probs, NaN advantages): masked where it enters.
+        per_token = lambda key: zero_masked(data[key][:, 1:].to(curr.device), mask)  # noqa: E731
+        advantages = per_token("advantages")
+        # NeMo-RL: with force_on_policy_ratio no prev_logprobs are needed, the ratio is exactly 1.
+        prev = curr.detach() if cfg.force_on_policy_ratio else per_token("prev_logprobs")
+        generation = per_token("generation_logprobs") if "generation_logprobs" in data else prev
+        reference = per_token("reference_policy_logprobs") if self.reference_policy_kl_penalty != 0 else None
+        uids = data[batch_keys.TOKEN_UIDS][:, 1:].to(torch.int64) if batch_keys.TOKEN_UIDS in data else None
+        gvt = global_valid_toks if global_valid_toks is not None else mask.sum()
+        gvs = global_valid_seqs if global_valid_seqs is not None else sample_mask.sum()
+        plan = plan_from_batch(data, global_valid_tokens=float(gvt), global_valid_seqs=float(gvs), device=curr.device)
+        groups, step = None, 0
+        if plan is None and self.controls.needs_step_plan:
+            if self.selection == "driver":
+                raise RuntimeError(
+                    f"loss_fn {list(cfg.active_controls)} needs the step plan attached on the driver (keys "
+                    f"{batch_keys.PLAN_PREFIX}.*), and this batch has none: NeMo-RL's training entry was not wrapped "
+                    "(run through `nemo-entropy train`, call nemo_entropy.integrations.nemo_rl_run.install() before "
+                    "setup(), or wrap the policy with wrap_policy_for_step())")
             groups = self._groups if self._groups is not None else self._worker_groups()
-            if not self._warned_in_worker:
-                warnings.warn(
-                    "EntropyControlLossFn: no driver-side selection in the batch (key "
-                    f"{batch_keys.SELECTED!r}); selecting over this call's tokens across the token group. This "
-                    "equals scope=batch only when each rank's call holds its whole share of the optimizer step. "
-                    "Wrap the policy with nemo_entropy.integrations.BatchSelectionPolicy for the exact selection.",
-                    stacklevel=3,
-                )
-                self._warned_in_worker = True
-        selected, scores, uids, step, step_selected = selection or (None, None, None, 0, None)
-        if uids is None and batch_keys.TOKEN_UIDS in data:
-            uids = data[batch_keys.TOKEN_UIDS][:, 1:].to(torch.int64)
-        if batch_keys.STEP in data:
-            step = int(data[batch_keys.STEP].reshape(-1)[0])
-
+            step = int(data[batch_keys.STEP].reshape(-1)[0]) if batch_keys.STEP in data else 0
         loss, metrics = policy_loss(
-            cfg, curr_for_loss, prev, advantages, mask,
-            selected=selected, scores=scores,
-            global_valid_tokens=global_valid_toks, global_valid_seqs=global_valid_seqs,
-            global_selected_tokens=step_selected, groups=groups, token_uids=uids, step=step,
+            cfg, curr, prev, advantages, mask, plan=plan, entropy=entropy, controls=self.controls,
+            global_valid_tokens=gvt, global_valid_seqs=gvs, groups=groups, token_uids=uids, step=step,
             reference_logprobs=reference, generation_logprobs=generation,
             rewards=data.get("rewards") if cfg.positive_example_nll_weight > 0 else None,
         )
-        metrics = self._nemo_rl_metrics(metrics, curr.detach(), prev, generation, mask, token_mask, sample_mask,
-                                        entropy, global_valid_toks, global_valid_seqs)
-        return loss, metrics
-
-    def _attached_selection(self, data, mask):
-        """``(selected, scores, uids, step, step_selected)`` from the driver, or None when not attached."""
-        if batch_keys.SELECTED not in data or self.config.scope != "batch":
-            return None
-        # For ppo the mask is all False; the attached scores still give exact covariance diagnostics.
-        selected = (data[batch_keys.SELECTED][:, 1:] != 0).to(mask.device) & mask
-        scores = data[batch_keys.COV_SCORES][:, 1:].float() if batch_keys.COV_SCORES in data else None
-        uids = data[batch_keys.TOKEN_UIDS][:, 1:].to(torch.int64) if batch_keys.TOKEN_UIDS in data else None
-        step = int(data[batch_keys.STEP].reshape(-1)[0]) if batch_keys.STEP in data else 0
-        step_selected = None
-        if batch_keys.STEP_SELECTED in data:
-            # One optimizer step per micro-batch: every sample carries the same count.
-            step_selected = data[batch_keys.STEP_SELECTED].reshape(-1)[0].float()
-        return selected, scores, uids, step, step_selected
+        return loss, self._nemo_rl_metrics(metrics, curr.detach(), prev, generation, mask, sample_mask, entropy,
+                                           gvt, gvs)
 
     @staticmethod
     def _worker_groups() -> ParallelGroups:
         """The token group inside a worker: DP of the last PP stage (CP ranks hold full sequences here)."""
         try:
             from megatron.core import parallel_state as ps
-
-            if ps.model_parallel_is_initialized():
-                return ParallelGroups.from_megatron(cp_holds_full_sequences=True)
-        except ImportError:
-            pass
+        except ImportError:  # megatron-core is optional: without it, this process alone
+            return ParallelGroups.single()
+        if ps.model_parallel_is_initialized():
+            return ParallelGroups.from_megatron(cp_holds_full_sequences=True)
         return ParallelGroups.single()
 
     # ------------------------------------------------------------------ metrics
-    def _nemo_rl_metrics(self, ours, curr, prev, generation, mask, token_mask, sample_mask, entropy,
-                         global_valid_toks, global_valid_seqs):
+    _NEMO_RL_NAMES = {"ratio_mean": "probs_ratio", "ratio_clamped_mean": "probs_ratio_clamped",
+                      "ratio_min": "probs_ratio_min", "ratio_max": "probs_ratio_max",
+                      "ratio_clamped_min": "probs_ratio_clamped_min", "ratio_clamped_max": "probs_ratio_clamped_max"}
+
+    def _nemo_rl_metrics(self, ours, curr, prev, generation, mask, sample_mask, entropy, gvt, gvs):
+        """``ClippedPGLossFn``'s metric names and sentinels (inf for the extrema of an empty micro-batch), plus ours."""
         cfg = self.config
-        metrics = {k: v for k, v in ours.items() if k not in ("ratio_min", "ratio_max")}
-        counts = dict(global_valid_tokens=global_valid_toks)
-        maskf = mask.float()
-        gvt = _as_count(global_valid_toks, maskf.sum())
+        metrics = {self._NEMO_RL_NAMES.get(k, k): v for k, v in ours.items()}
+        if not bool(mask.any()):  # NeMo-RL's sentinels, skipped by its aggregation
+            metrics.update(probs_ratio_min=math.inf, probs_ratio_max=-math.inf,
+                           probs_ratio_clamped_min=math.inf, probs_ratio_clamped_max=-math.inf)
         with torch.no_grad():
-            ratios, clamped = _nemo_rl_ratios(cfg, curr, prev, token_mask.float().to(curr.device))
-            metrics["probs_ratio"] = float((ratios * maskf).sum() / gvt)
-            metrics["probs_ratio_clamped"] = float((clamped * maskf).sum() / gvt)
-            if bool(mask.any()):
-                metrics["probs_ratio_min"] = float(ratios[mask].min())
-                metrics["probs_ratio_max"] = float(ratios[mask].max())
-                metrics["probs_ratio_clamped_min"] = float(clamped[mask].min())
-                metrics["probs_ratio_clamped_max"] = float(clamped[mask].max())
-            else:  # NeMo-RL's sentinels, skipped by its aggregation
-                metrics.update(probs_ratio_min=math.inf, probs_ratio_max=-math.inf,
-                               probs_ratio_clamped_min=math.inf, probs_ratio_clamped_max=-math.inf)
-            metrics.update(regularizers.generation_mismatch_metrics(cfg, prev, generation, mask, **counts))
-            metrics.update(regularizers.approx_entropy(curr, generation, mask, **counts))
+            counts = dict(global_valid_tokens=gvt)
+            metrics.update(diagnostics.generation_mismatch_metrics(cfg, prev, generation, mask, **counts))
+            metrics.update(diagnostics.approx_entropy(curr, generation, mask, **counts))
             if "sampling_importance_ratio" not in metrics:
-                _, is_metrics = regularizers.importance_weights(
+                _, is_metrics = nemo_rl_terms.importance_weights(
                     replace(cfg, use_importance_sampling_correction=False), prev, generation, mask,
-                    global_valid_tokens=global_valid_toks, global_valid_seqs=global_valid_seqs,
-                    sample_mask=sample_mask.to(curr.device),
-                )
+                    global_valid_tokens=gvt, global_valid_seqs=gvs, sample_mask=sample_mask.to(curr.device))
                 metrics.update(is_metrics)
             metrics.setdefault("kl_penalty", 0.0)
             metrics.setdefault("positive_nll_loss", 0.0)
             metrics["num_valid_samples"] = float(sample_mask.sum())
-            if entropy is not None:
-                metrics["entropy"] = float((entropy.float() * maskf).sum() / gvt)
+            if entropy is not None and self.log_entropy:
+                maskf = mask.float()
+                metrics["entropy"] = float((entropy.detach().float() * maskf).sum()
+                                           / torch.as_tensor(gvt, dtype=torch.float32).clamp(min=1))
         return metrics
-
-
-def _as_count(count: Any, fallback: torch.Tensor) -> torch.Tensor:
-    value = fallback if count is None else torch.as_tensor(count, dtype=torch.float32).to(fallback.device)
-    return torch.where(value > 0, value, torch.ones_like(value))
-
-
-def _nemo_rl_ratios(cfg: LossConfig, curr, prev, token_mask):
-    """The ratios ``ClippedPGLossFn`` reports as ``probs_ratio`` (no grad; NeMo-RL's definitions)."""
-    if cfg.force_on_policy_ratio:
-        ones = torch.ones_like(curr)
-        return ones, ones
-    if cfg.disable_ppo_ratio:
-        return curr, curr
-    log_ratio = curr - prev
-    if cfg.sequence_level_importance_ratios:
-        per_seq = token_mask.sum(-1, keepdim=True)
-        mean = (log_ratio * token_mask).sum(-1, keepdim=True) / torch.where(per_seq > 0, per_seq, torch.ones_like(per_seq))
-        ratios = mean.exp().expand_as(curr)
-    else:
-        ratios = log_ratio.exp()
-    return ratios, ratios.clamp(1.0 - cfg.ratio_clip_min, 1.0 + cfg.ratio_clip_max)

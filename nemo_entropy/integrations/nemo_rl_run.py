@@ -11,7 +11,8 @@ module globals, and ``examples/run_grpo.py`` dispatches to a training entry (``g
 2. wraps every training entry that calls ``policy.train(train_data, loss_fn)`` on the driver so that the policy it
    receives is a :class:`~nemo_entropy.integrations.driver_selection.BatchSelectionPolicy` whose optimizer-step
    counter continues from the save state (``total_steps`` for ``grpo_train``; ``current_step`` for
-   ``async_grpo_train``, which never advances ``total_steps``);
+   ``async_grpo_train``, which never advances ``total_steps``), and whose controls' state is saved into every
+   NeMo-RL checkpoint and restored from the one NeMo-RL resumes from;
 3. checks, before any GPU work, the configurations the plugin cannot serve and refuses them by name
    (:func:`check_nemo_rl_run_config`): the data plane (``grpo_train_sync`` never shows the driver the batch),
    in-worker selection with packing or dynamic batching, LOGIT input with fused linear log-probs or top-k/top-p.
@@ -27,7 +28,7 @@ import functools
 import inspect
 from typing import Any, Callable, Mapping, Optional
 
-from ..config import LossConfig
+from ..config import LossConfig, to_plain
 from .driver_selection import BatchSelectionPolicy
 
 __all__ = [
@@ -36,7 +37,6 @@ __all__ = [
     "install",
     "nemo_rl_options",
     "config_section",
-    "plain",
     "save_state_counter",
     "steps_per_rollout",
     "check_nemo_rl_run_config",
@@ -65,22 +65,6 @@ _WRAPPED = "__nemo_entropy_wrapped__"
 
 
 # ----------------------------------------------------------------------------------------------- config access
-def plain(value: Any) -> Any:
-    """A plain dict from a pydantic model, an OmegaConf node or a mapping (anything else is returned as is)."""
-    if hasattr(value, "model_dump"):
-        return value.model_dump()
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(value, DictConfig):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a core dependency
-        pass
-    if isinstance(value, Mapping):
-        return dict(value)
-    return value
-
-
 def config_section(master_config: Any, name: str, default: Any = None) -> Any:
     """Section ``name`` of NeMo-RL's master config as a plain dict: by key (``TypedDict``/dict, <= v0.6) or by
     attribute (pydantic ``MasterConfig``, v0.7 and main)."""
@@ -88,7 +72,7 @@ def config_section(master_config: Any, name: str, default: Any = None) -> Any:
         value = master_config.get(name, default)
     else:
         value = getattr(master_config, name, default)
-    return default if value is None else plain(value)
+    return default if value is None else to_plain(value)
 
 
 def save_state_counter(state: Any, field: str) -> int:
@@ -161,6 +145,17 @@ def check_nemo_rl_run_config(config: Mapping[str, Any], options: Optional[Mappin
             "selection cannot be built; set data_plane.enabled=false"
         )
     if options["selection"] == "worker":
+        if isinstance(config.get("loss_fn"), Mapping):
+            from ..controls import ControlSet
+            from .nemo_rl import loss_config_from_nemo_rl
+
+            controls = ControlSet(loss_config_from_nemo_rl(config["loss_fn"]))
+            driver_only = [c.name for c in controls if c.stateful or "old_entropy" in c.needs]
+            if driver_only:
+                raise ValueError(
+                    f"nemo_rl.selection='worker' is incompatible with loss_fn controls {driver_only}: their per-step "
+                    "values come from state kept on the driver or from the whole step's old entropy; use "
+                    "nemo_rl.selection='driver'")
         for key in ("policy.sequence_packing.enabled", "policy.dynamic_batching.enabled"):
             if _get(config, key, False):
                 raise ValueError(
@@ -212,6 +207,33 @@ def wrap_policy_for_step(policy: Any, loss_fn: Any, master_config: Any, grpo_sav
                                 mode=selection, first_step=first)
 
 
+class _CheckpointerSavingControls:
+    """NeMo-RL's ``CheckpointManager`` that also writes the driver-side controls' state into every checkpoint it
+    starts (``init_tmp_checkpoint`` returns the directory NeMo-RL then fills and renames); everything else is the
+    manager's own."""
+
+    def __init__(self, checkpointer: Any, policy: BatchSelectionPolicy):
+        self._checkpointer = checkpointer
+        self._policy = policy
+
+    def init_tmp_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        path = self._checkpointer.init_tmp_checkpoint(*args, **kwargs)
+        self._policy.save_state(str(path))
+        return path
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_checkpointer"], name)
+
+
+def _checkpointer_saving(checkpointer: Any, policy: BatchSelectionPolicy) -> _CheckpointerSavingControls:
+    """Restore the controls' state from the checkpoint NeMo-RL's ``setup()`` resumed from (its latest), and save
+    it into every new one."""
+    latest = getattr(checkpointer, "get_latest_checkpoint_path", lambda: None)()
+    if latest:
+        policy.load_state(str(latest))
+    return _CheckpointerSavingControls(checkpointer, policy)
+
+
 def _wrap_entry(original: Callable, name: str, counter_field: str, options: Mapping[str, Any]) -> Callable:
     signature = inspect.signature(original)
     missing = [p for p in REQUIRED_ENTRY_PARAMETERS if p not in signature.parameters]
@@ -225,9 +247,13 @@ def _wrap_entry(original: Callable, name: str, counter_field: str, options: Mapp
         master_config = bound.arguments["master_config"]
         check_nemo_rl_run_config(
             {key: config_section(master_config, key) for key in ("policy", "data_plane", "grpo")}, options)
-        bound.arguments["policy"] = wrap_policy_for_step(
+        policy = wrap_policy_for_step(
             bound.arguments["policy"], bound.arguments["loss_fn"], master_config,
             bound.arguments.get("grpo_save_state"), counter_field=counter_field, selection=options["selection"])
+        bound.arguments["policy"] = policy
+        checkpointer = bound.arguments.get("checkpointer")
+        if isinstance(policy, BatchSelectionPolicy) and checkpointer is not None:
+            bound.arguments["checkpointer"] = _checkpointer_saving(checkpointer, policy)
         return original(*bound.args, **bound.kwargs)
 
     setattr(entry, _WRAPPED, True)
@@ -251,7 +277,8 @@ def install(grpo_module: Any, options: Optional[Mapping[str, Any]] = None) -> li
         raise TypeError(f"{getattr(grpo_module, '__name__', grpo_module)!r} is not NeMo-RL's GRPO module "
                         "(no setup / grpo_train)")
     grpo_module.ClippedPGLossFn = functools.partial(EntropyControlLossFn, input_type=options["input_type"],
-                                                    log_entropy=options["log_entropy"])
+                                                    log_entropy=options["log_entropy"],
+                                                    selection=options["selection"])
     wrapped = []
     for name, counter_field in TRAINING_ENTRIES.items():
         original = getattr(grpo_module, name, None)

@@ -155,14 +155,15 @@ def check_batched_data_dict(ctx: dict) -> str:
     module = _import("nemo_rl.distributed.batched_data_dict")
     data = module.BatchedDataDict({
         "input_ids": torch.zeros(4, 3, dtype=torch.long), "sample_mask": torch.ones(4),
-        batch_keys.SELECTED: torch.arange(12, dtype=torch.float32).reshape(4, 3),
+        batch_keys.TOKEN_UIDS: torch.arange(12, dtype=torch.int64).reshape(4, 3),
     })
     try:
         shards = data.shard_by_batch_size(2, batch_size=4)
     except Exception as err:
         raise Incompatible(f"BatchedDataDict.shard_by_batch_size(2, batch_size=4) failed: {err}") from err
-    rows = torch.cat([s[batch_keys.SELECTED] for s in shards]) if all(batch_keys.SELECTED in s for s in shards) else None
-    if rows is None or sorted(rows[:, 0].tolist()) != [0.0, 3.0, 6.0, 9.0]:
+    rows = torch.cat([s[batch_keys.TOKEN_UIDS] for s in shards]) if all(batch_keys.TOKEN_UIDS in s for s in shards) \
+        else None
+    if rows is None or sorted(rows[:, 0].tolist()) != [0, 3, 6, 9]:
         raise Incompatible("BatchedDataDict.shard_by_batch_size drops or mixes an extra per-sample key: the "
                            "selection attached on the driver would not reach its tokens")
     return "extra per-sample keys ride through shard_by_batch_size"

@@ -1,4 +1,4 @@
-"""Policy losses: PPO surrogate, Clip-Cov, KL-Cov, with NeMo-RL's global normalisation.
+"""The policy loss shared by every entropy control: surrogate, normalisation, NeMo-RL's terms, metrics.
 
 The one subtle thing, as in NeMo-RL: every call returns ``sum(per_token_loss * mask) / global_valid_tokens``
 (or the per-sequence means summed over ``global_valid_seqs``), where the global counts cover the whole
@@ -10,6 +10,7 @@ global count so that *summing* over micro-batches and ranks yields the batch val
 """
 
 from .metrics import accumulate_metrics, metric_reduction
-from .policy import policy_loss, per_token_policy_loss, reduce_per_token
+from .normalization import reduce_per_token
+from .policy import per_token_policy_loss, policy_loss
 
 __all__ = ["policy_loss", "per_token_policy_loss", "reduce_per_token", "accumulate_metrics", "metric_reduction"]

@@ -1,12 +1,17 @@
-"""The policy loss of one micro-batch: surrogate, entropy control, global normalisation, metrics.
+"""The policy loss of one micro-batch: surrogate, the active controls' per-token changes, NeMo-RL's extra terms,
+global normalisation, metrics.
 
-Per token, with ``r = exp(l - l_old)`` (log-ratio clamped to ``+-log_ratio_clamp`` before ``exp``):
+Per token, with the ratio of :func:`~nemo_entropy.losses.surrogate.importance_ratio`:
 
-* ``ppo``:      ``max(-A r, -A clamp(r, 1 - eps_low, 1 + eps_high))``, then dual clip ``min(., -c A)`` for A < 0.
-* ``kl_cov``:   ``-A r`` (the reference applies no PPO clip; ``kl_cov_ppo_clip`` puts the clipped surrogate
-                under it) plus ``beta |log r|`` on the selected tokens.
-* ``clip_cov``: the clipped surrogate, multiplied by 0 on the selected tokens (their gradient is detached;
-                they still count in the denominator, as in the reference).
+1. each active control may reshape the advantages (``Control.shape_advantages``);
+2. the surrogate is PPO's clipped one (:func:`~nemo_entropy.losses.surrogate.clipped_surrogate`, with every
+   NeMo-RL option) unless one active control owns it (KL-Cov's ``-A r``);
+3. each control may weight it per token (Clip-Cov: 0 on its selected tokens) and add a per-token term (KL-Cov:
+   ``beta |log r|`` on its selected tokens);
+4. NeMo-RL's importance-sampling weight multiplies the result; the reference KL and the positive-example NLL add.
+
+Whole-step quantities (counts, the covariance selection, coefficients) come from the step's plan
+(:mod:`nemo_entropy.plan`); with a plan the loss issues no collective.
 """
 
 from __future__ import annotations
@@ -16,151 +21,109 @@ from typing import Any, Optional
 import torch
 
 from ..config import LossConfig, loss_config
+from ..controls import ControlSet, TokenBatch
 from ..parallel import GroupsLike, as_groups
-from ..selection import (
-    covariance_scores,
-    select_clip_cov,
-    select_tokens_with_scores,
-    select_top_covariance,
-    selection_quota,
-    validate_token_inputs,
-)
+from ..plan import StepInputs, StepPlan, build_step_plan, reference_selection
+from ..selection import exact_group_sums, validate_token_inputs
+from . import nemo_rl_terms
+from .normalization import global_token_sum, reduce_per_token, safe_count, zero_masked
+from .surrogate import clipped_surrogate, importance_ratio
 
 __all__ = ["policy_loss", "per_token_policy_loss", "reduce_per_token"]
 
-
-def _ratios(config: LossConfig, logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor):
-    """``(log_ratio, ratio, clamped_ratio)`` per NeMo-RL's ratio options."""
-    if config.force_on_policy_ratio:
-        # ratio == 1 in value, gradient of log pi still flows.
-        log_ratio = logprobs - logprobs.detach()
-        ratio = torch.exp(log_ratio)
-        return log_ratio, ratio, ratio
-    if config.disable_ppo_ratio:
-        # REINFORCE: the surrogate is -A * log pi.
-        return torch.zeros_like(logprobs), logprobs, logprobs
-    log_ratio = torch.clamp(logprobs - old_logprobs, -config.log_ratio_clamp, config.log_ratio_clamp)
-    if config.sequence_level_importance_ratios:
-        # GSPO: one ratio per sequence, the geometric mean of its token ratios.
-        maskf = mask.to(log_ratio.dtype)
-        seq = (log_ratio * maskf).sum(-1, keepdim=True) / maskf.sum(-1, keepdim=True).clamp(min=1)
-        log_ratio = seq.expand_as(log_ratio)
-    ratio = torch.exp(log_ratio)
-    return log_ratio, ratio, ratio.clamp(1.0 - config.ratio_clip_min, 1.0 + config.ratio_clip_max)
-
-
-def _clipped_surrogate(config: LossConfig, advantages, ratio, clamped, logprobs):
-    """PPO's pessimistic surrogate (or CISPO's), with dual clip; returns ``(loss, clip_active)``."""
-    if config.use_cispo:
-        loss = -advantages * clamped.detach() * logprobs
-        active = clamped.detach() != ratio.detach()
-    else:
-        unclipped, clipped = -advantages * ratio, -advantages * clamped
-        loss = torch.maximum(unclipped, clipped)
-        active = clipped.detach() > unclipped.detach()
-    if config.ratio_clip_c is not None:
-        dual = -advantages * config.ratio_clip_c
-        dual_active = (advantages < 0) & (dual < loss.detach())
-        loss = torch.where(advantages < 0, torch.minimum(loss, dual), loss)
-        active = active | dual_active
-    return loss, active
+_BIG = torch.finfo(torch.float32).max
 
 
 def per_token_policy_loss(
     config: LossConfig,
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    selected: torch.Tensor,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token loss (fp32, unmasked) and per-token diagnostics, given the selected set."""
-    lp, old, adv = logprobs.float(), old_logprobs.float().detach(), advantages.float().detach()
-    log_ratio, ratio, clamped = _ratios(config, lp, old, mask)
-    if config.method == "kl_cov" and not config.kl_cov_ppo_clip:
-        loss = -adv * ratio
-        clip_active = torch.zeros_like(mask)
+    tokens: TokenBatch,
+    plan: StepPlan,
+    controls: ControlSet,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(per-token loss, clip_active)`` of a micro-batch (fp32, 0 on masked tokens), the controls applied."""
+    for control in controls:
+        shaped = control.shape_advantages(tokens, plan.values.get(control.name, {}))
+        if shaped is not None:
+            tokens.advantages = shaped
+    owned = [s for c in controls if (s := c.surrogate(tokens, plan.values.get(c.name, {}))) is not None]
+    if owned:
+        loss, clip_active = owned[0]
     else:
-        loss, clip_active = _clipped_surrogate(config, adv, ratio, clamped, lp)
-    if config.method == "kl_cov":
-        loss = loss + torch.where(selected, config.kl_cov_coef * log_ratio.abs(), torch.zeros_like(loss))
-    elif config.method == "clip_cov":
-        loss = loss * (~selected).to(loss.dtype)
-    return loss, {"log_ratio": log_ratio.detach(), "ratio": ratio.detach(), "clip_active": clip_active}
+        loss, clip_active = clipped_surrogate(config, tokens.advantages, tokens.ratio, tokens.clamped_ratio,
+                                              tokens.logprobs)
+    weight, extra = None, None
+    for control in controls:
+        w, e = control.adjust(tokens, plan.values.get(control.name, {}), loss)
+        if w is not None:
+            weight = w if weight is None else weight * w
+        if e is not None:
+            extra = e if extra is None else extra + e
+    if weight is not None:
+        loss = loss * weight
+    if extra is not None:
+        loss = loss + extra
+    return loss, clip_active
 
 
-def reduce_per_token(
-    values: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    token_level: bool,
-    global_valid_tokens: torch.Tensor | float,
-    global_valid_seqs: torch.Tensor | float,
-) -> torch.Tensor:
-    """NeMo-RL's global normalisation: ``sum(v * mask) / global_valid_tokens`` (token level) or the sum of
-    per-sequence masked means over ``global_valid_seqs`` (sequence level)."""
-    maskf = mask.to(values.dtype)
-    if token_level:
-        return (values * maskf).sum() / global_valid_tokens
-    per_seq = (values * maskf).sum(-1) / maskf.sum(-1).clamp(min=1)
-    return per_seq.sum() / global_valid_seqs
+def _call_plan(config, logprobs, old_logprobs, advantages, mask, *, controls, groups, token_uids, step,
+               selected, scores, global_valid_tokens, global_valid_seqs, global_selected_tokens) -> StepPlan:
+    """The plan when the caller gives none (the convenience path): the pieces the caller passed, the rest computed
+    over this call's tokens across ``groups``. Collectives happen here only for missing pieces, and every rank
+    agrees on the validity of its inputs within the first of them."""
+    g = as_groups(groups)
+    selection = controls.selection
+    micro = config.scope == "microbatch" and selection is not None
+    caller_error = None
+    if selected is not None and (not isinstance(selected, torch.Tensor) or selected.dtype != torch.bool
+                                 or selected.shape != mask.shape):
+        # Not raised yet: it rides the first collective, so the other ranks raise too instead of waiting in it.
+        caller_error = ValueError(f"selected must be a bool tensor of shape {tuple(mask.shape)}, got "
+                                  f"{getattr(selected, 'dtype', type(selected).__name__)} "
+                                  f"{tuple(getattr(selected, 'shape', ()))}")
+    given = {"global_valid_tokens": global_valid_tokens, "global_valid_seqs": global_valid_seqs}
+    if selection is not None and not micro and selected is None:
+        # Select over this call across the group: exact only when one call holds the whole step.
+        plan = build_step_plan(config, StepInputs(old_logprobs, advantages, mask, token_uids), step=step, groups=g,
+                               controls=controls)
+        values = {name: dict(vals) for name, vals in plan.values.items()}
+        if global_selected_tokens is not None:
+            values[selection.name]["num_selected"] = float(global_selected_tokens)
+        return StepPlan(step, _given(global_valid_tokens, plan.global_valid_tokens),
+                        _given(global_valid_seqs, plan.global_valid_seqs),
+                        plan.scores if scores is None else scores, values)
+    if scores is None and not micro:
+        plan = build_step_plan(config, StepInputs(old_logprobs, advantages, mask, token_uids), step=step, groups=g,
+                               controls=ControlSet(loss_config(config, method="ppo", controls=())),
+                               local_error=caller_error)
+        scores, counted, caller_error = plan.scores, (plan.global_valid_tokens, plan.global_valid_seqs), None
+    else:
+        counted = None
+    values = {}
+    if selection is not None and selected is not None and caller_error is None:
+        values[selection.name] = {"selected": selected & mask.bool(), "num_selected": global_selected_tokens}
+    missing = [k for k, v in given.items() if v is None] + (
+        ["selected"] if selection is not None and selected is not None and global_selected_tokens is None else [])
+    if (missing and counted is None) or "selected" in missing or caller_error is not None:
+        try:
+            bool_mask, local_error = validate_token_inputs(mask, check_finite=False, old_logprobs=old_logprobs,
+                                                           advantages=advantages), None
+        except (TypeError, ValueError) as err:
+            bool_mask, local_error = torch.zeros(mask.shape, dtype=torch.bool), err
+        local_error = caller_error or local_error
+        group = g if missing else None
+        chosen = values[selection.name]["selected"] if "selected" in missing and local_error is None else bool_mask
+        (n_tokens, n_seqs, n_selected), _ = exact_group_sums(
+            [bool_mask.sum(), bool_mask.any(-1).sum(), chosen.sum() if "selected" in missing else torch.tensor(0)],
+            [], bool_mask, group, local_error=local_error)
+        counted = (n_tokens, n_seqs)
+        if "selected" in missing:
+            values[selection.name]["num_selected"] = float(n_selected)
+    return StepPlan(step, _given(global_valid_tokens, counted[0] if counted else None),
+                    _given(global_valid_seqs, counted[1] if counted else None), scores, values)
 
 
-def _per_call_selection(config, logprobs, advantages, mask, clip_active, token_uids, step):
-    """``scope: microbatch``: the reference's selection on this call's tokens alone (current detached
-    log-probs, per-call means, no communication). Returns ``(selected, scores)``."""
-    lp, adv = logprobs.detach().float(), advantages.detach().float()
-    if not bool(mask.any()):
-        return torch.zeros_like(mask), torch.zeros_like(lp)
-    x = adv if config.cov_form == "natural" else torch.exp(lp) * adv
-    scores = (lp - lp[mask].mean()) * (x - x[mask].mean())
-    scores = torch.where(mask, scores, torch.zeros_like(scores))
-    k = selection_quota(config.selection_ratio, int(mask.sum()))
-    if config.method == "kl_cov":
-        return select_top_covariance(scores, mask, token_uids, k), scores
-    # The reference drops tokens the PPO clip already clipped before drawing the random subset.
-    candidates = mask & ~clip_active & (scores > config.clip_cov_lb) & (scores < config.clip_cov_ub)
-    return select_clip_cov(candidates, token_uids, k, seed=config.seed, step=step), scores
-
-
-def _regularizers(config, logprobs, old_logprobs, mask, reference_logprobs, generation_logprobs, rewards,
-                  global_valid_tokens, global_valid_seqs):
-    """NeMo-RL's extras (importance-sampling correction, reference KL, positive-example NLL).
-
-    Returns ``(per_token_weights or None, extra_loss scalar or None, metrics)``.
-    """
-    want_is = config.use_importance_sampling_correction
-    want_kl = config.reference_policy_kl_penalty != 0 and not config.use_kl_in_reward
-    want_nll = config.positive_example_nll_weight > 0
-    if not (want_is or want_kl or want_nll):
-        return None, None, {}
-    from . import regularizers  # NeMo-RL-compatible extras, kept apart from the entropy controls
-
-    counts = dict(global_valid_tokens=global_valid_tokens, global_valid_seqs=global_valid_seqs)
-    weights, extra, metrics = None, None, {}
-    if want_is:
-        if generation_logprobs is None:
-            raise ValueError("loss_fn.use_importance_sampling_correction=True needs generation_logprobs")
-        weights, m = regularizers.importance_weights(config, old_logprobs, generation_logprobs, mask, **counts)
-        metrics.update(m)
-    if want_kl:
-        if reference_logprobs is None:
-            raise ValueError(
-                f"loss_fn.reference_policy_kl_penalty={config.reference_policy_kl_penalty} needs reference_logprobs "
-                "(or set it to 0, as the paper's recipes do)"
-            )
-        kl, m = regularizers.reference_kl_penalty(config, logprobs, reference_logprobs, generation_logprobs, mask,
-                                                  **counts)
-        extra = kl if extra is None else extra + kl
-        metrics.update(m)
-    if want_nll:
-        if rewards is None:
-            raise ValueError(f"loss_fn.positive_example_nll_weight={config.positive_example_nll_weight} needs the "
-                             "per-sample rewards ([batch]) to find the correct samples")
-        nll, m = regularizers.positive_example_nll(config, logprobs, rewards, mask)
-        extra = nll if extra is None else extra + nll
-        metrics.update(m)
-    return weights, extra, metrics
+def _given(value, fallback) -> float:
+    return float(value if value is not None else fallback)
 
 
 def policy_loss(
@@ -170,6 +133,9 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
+    plan: Optional[StepPlan] = None,
+    entropy: Optional[torch.Tensor] = None,
+    controls: Optional[ControlSet] = None,
     selected: Optional[torch.Tensor] = None,
     scores: Optional[torch.Tensor] = None,
     global_valid_tokens: Optional[torch.Tensor | float] = None,
@@ -189,21 +155,32 @@ def policy_loss(
         logprobs: current log-probs of the sampled tokens, [batch, length], fp32 or bf16, requires grad.
         old_logprobs: log-probs of the policy that generated the data (NeMo-RL's ``prev_logprobs``).
         advantages: per-token advantages, [batch, length].
-        mask: valid tokens (bool or 0/1): NeMo-RL's ``token_mask[:, 1:] * sample_mask[:, None]``.
-        selected: ``scope: batch``: the mask from :func:`~nemo_entropy.selection.select_tokens` over the
-            whole optimizer step. If omitted with ``scope: batch``, the selection is made over *this call's*
-            tokens across ``groups`` (exact only when one call holds the whole step). Ignored for ``ppo``.
-            With ``scope: microbatch`` it must be omitted: the reference's per-call selection is reproduced.
-        scores: covariance scores for the metrics (``covariance_scores`` over the step); computed over this
-            call when omitted.
+        mask: valid tokens (bool or 0/1): NeMo-RL's ``token_mask[:, 1:] * sample_mask[:, None]``. Masked positions
+            of every tensor may hold anything (-inf log-probs, NaN advantages on padding).
+        plan: the step's plan restricted to this micro-batch (``build_step_plan(...).rows(...)``): counts,
+            covariance scores, the controls' selections and coefficients. With a plan the loss issues **no
+            collective**, and ``selected`` / ``scores`` / ``global_*`` / ``groups`` are not used.
+        entropy: the current full-vocabulary entropy per token, with its gradient, for controls that need it
+            (``entropy`` in their ``needs``).
+        controls: the stateful controls of the run (their state feeds the plan); default: fresh ones.
+
+    Without a plan (a convenience path for one process and for callers that pass ``groups``), the plan is made
+    from the pieces passed, the rest computed over this call's tokens across ``groups`` (collectives):
+        selected: ``scope: batch``: the mask from :func:`~nemo_entropy.selection.select_tokens` over the whole
+            optimizer step. If omitted, the selection is made over *this call's* tokens across ``groups`` (exact
+            only when one call holds the whole step). With ``scope: microbatch`` it must be omitted: the
+            reference's per-call selection is reproduced.
+        scores: covariance scores for the metrics; computed over this call when omitted.
         global_valid_tokens / global_valid_seqs: valid tokens / sequences of the whole optimizer step over all
             DP ranks. Default: this call's counts summed over ``groups``.
         global_selected_tokens: selected tokens of the whole step (for ``cov_selected_mean``); default: this
             call's count summed over ``groups``.
         groups: ``None`` (one process), the token-group ``ProcessGroup``, or ``ParallelGroups``.
-        token_uids: int64 [batch, length] layout-independent token ids (Clip-Cov's hash keys; default: the
-            flat position in this call).
+        token_uids: int64 [batch, length] layout-independent token ids (Clip-Cov's hash keys; default: unique
+            over the group but layout dependent, see ``plan.default_token_uids``).
         step: optimizer step (Clip-Cov's hash keys).
+
+    Always:
         reference_logprobs / generation_logprobs: for NeMo-RL's reference KL and importance-sampling keys.
         rewards: per-sample rewards [batch], for ``positive_example_nll_weight`` (VAPO).
 
@@ -212,103 +189,120 @@ def policy_loss(
         micro-batches and DP ranks gives the batch value, except ``*_min`` / ``*_max``.
     """
     config = config if isinstance(config, LossConfig) else loss_config(config)
-    g = as_groups(groups)
-    # Collectives happen here only when the caller leaves counts, scores or the batch selection to us. Then
-    # every rank must agree that the inputs are valid before entering them, or one rank's error would leave
-    # the others waiting in a collective.
-    issues_collectives = g.token_world_size > 1 and (
-        global_valid_tokens is None or global_valid_seqs is None or global_selected_tokens is None
-        or scores is None or (config.method != "ppo" and config.scope == "batch" and selected is None))
-    try:
-        bool_mask = validate_token_inputs(
-            mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, token_uids=token_uids,
-            reference_logprobs=reference_logprobs, generation_logprobs=generation_logprobs,
-        )
-        local_error = None
-    except (TypeError, ValueError) as err:
-        if not issues_collectives:
-            raise
-        local_error = err
-    if issues_collectives:
-        failed = g.token_all_reduce_sum(torch.tensor([0 if local_error is None else 1], dtype=torch.int64))
-        if local_error is not None:
-            raise local_error
-        if int(failed[0]):
-            raise ValueError(f"{int(failed[0])} other rank(s) of the token group rejected their loss inputs "
-                             "(their error says why); stopping here instead of waiting in a collective")
-    if selected is not None:
-        if selected.shape != bool_mask.shape or selected.dtype != torch.bool:
-            raise ValueError(f"selected must be a bool tensor of shape {tuple(bool_mask.shape)}, "
-                             f"got {selected.dtype} {tuple(selected.shape)}")
-        if config.scope == "microbatch" and config.method != "ppo":
-            raise ValueError("loss_fn.scope='microbatch' selects per call: do not pass `selected` "
-                             "(use scope='batch' for a precomputed selection)")
-    if token_uids is None:
-        token_uids = torch.arange(bool_mask.numel(), device=bool_mask.device).reshape(bool_mask.shape)
+    controls = controls if controls is not None else ControlSet(config)
+    if selected is not None and config.scope == "microbatch" and controls.selection is not None:
+        raise ValueError("loss_fn.scope='microbatch' selects per call: do not pass `selected` "
+                         "(use scope='batch' for a precomputed selection)")
+    if plan is None:
+        plan = _call_plan(config, logprobs, old_logprobs, advantages, mask, controls=controls, groups=groups,
+                          token_uids=token_uids, step=step, selected=selected, scores=scores,
+                          global_valid_tokens=global_valid_tokens, global_valid_seqs=global_valid_seqs,
+                          global_selected_tokens=global_selected_tokens)
+    bool_mask = validate_token_inputs(
+        mask, check_finite=False, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages,
+        token_uids=token_uids, reference_logprobs=reference_logprobs, generation_logprobs=generation_logprobs,
+        entropy=entropy)
+    if plan.scores is not None and plan.scores.shape != bool_mask.shape:
+        raise ValueError(f"the plan's tensors have shape {tuple(plan.scores.shape)} but this micro-batch's mask has "
+                         f"{tuple(bool_mask.shape)}: pass plan.rows(<this micro-batch's rows>)")
+    if "entropy" in controls.needs and entropy is None:
+        raise ValueError(f"loss_fn controls {[c.name for c in controls if 'entropy' in c.needs]} need the current "
+                         "full-vocabulary entropy (`entropy=`; with NeMo-RL: nemo_rl.input_type=logit)")
+    lp = zero_masked(logprobs, bool_mask)
+    old = zero_masked(old_logprobs.detach(), bool_mask)
+    adv = zero_masked(advantages.detach(), bool_mask)
+    for name, tensor in (("logprobs", lp), ("old_logprobs", old), ("advantages", adv)):
+        if not bool(torch.isfinite(tensor.detach()).all()):
+            raise ValueError(f"{name} has NaN or inf on valid (unmasked) tokens")
+    gvt = torch.as_tensor(plan.global_valid_tokens, dtype=torch.float32)
+    gvs = torch.as_tensor(plan.global_valid_seqs, dtype=torch.float32)
+    log_ratio, ratio, clamped = importance_ratio(config, lp, old, bool_mask)
 
-    seq_valid = bool_mask.any(-1) if bool_mask.dim() > 1 else bool_mask.any().reshape(1)
-    lp = logprobs.float()
-    if config.method == "ppo":
-        chosen = torch.zeros_like(bool_mask)
-    elif config.scope == "microbatch":
-        # The reference's Clip-Cov skips tokens the PPO clip already clipped: their status comes first.
-        _, ratio, clamped = _ratios(config, lp.detach(), old_logprobs.float().detach(), bool_mask)
-        _, clip_active_pre = _clipped_surrogate(config, advantages.float().detach(), ratio, clamped, lp.detach())
-        chosen, per_call_scores = _per_call_selection(config, logprobs, advantages, bool_mask, clip_active_pre,
-                                                      token_uids, step)
-        scores = per_call_scores if scores is None else scores
-    elif selected is None:
-        chosen, step_scores = select_tokens_with_scores(config, old_logprobs, advantages, bool_mask,
-                                                        token_uids=token_uids, step=step, groups=g)
-        scores = step_scores if scores is None else scores
-    else:
-        chosen = selected & bool_mask
-    if scores is None:
-        scores = covariance_scores(old_logprobs, advantages, bool_mask, groups=g, form=config.cov_form)
+    if config.scope == "microbatch" and controls.selection is not None:
+        # The reference: select over this call alone, from current detached log-probs, skipping the tokens the
+        # PPO clip already clipped. No communication; the step's counts still normalise.
+        _, clip_active_pre = clipped_surrogate(config, adv, ratio.detach(), clamped.detach(), lp.detach())
+        call = reference_selection(config, lp, adv, bool_mask, token_uids=token_uids, step=plan.step,
+                                   clip_active=clip_active_pre & bool_mask, controls=controls)
+        values = dict(plan.values)
+        # The quota is per call: the step's selected count is unknown here (no cov_selected_mean in this scope).
+        values[controls.selection.name] = {**call.values[controls.selection.name], "num_selected": None}
+        plan = StepPlan(plan.step, plan.global_valid_tokens, plan.global_valid_seqs,
+                        call.scores if plan.scores is None else plan.scores, values)
 
-    counts = torch.stack([bool_mask.sum(), seq_valid.sum(), chosen.sum()]).to(torch.float64)
-    if global_valid_tokens is None or global_valid_seqs is None or global_selected_tokens is None:
-        counts = g.token_all_reduce_sum(counts)
-    gvt = counts[0].float() if global_valid_tokens is None else global_valid_tokens
-    gvs = counts[1].float() if global_valid_seqs is None else global_valid_seqs
-    gsel = counts[2].float() if global_selected_tokens is None else global_selected_tokens
-    gvt_t = torch.as_tensor(gvt, dtype=torch.float32)
-    gvs_t = torch.as_tensor(gvs, dtype=torch.float32)
-    gsel_t = torch.as_tensor(gsel, dtype=torch.float32)
+    tokens = TokenBatch(config=config, logprobs=lp, old_logprobs=old, advantages=adv, mask=bool_mask,
+                        log_ratio=log_ratio, ratio=ratio, clamped_ratio=clamped, global_valid_tokens=gvt,
+                        global_valid_seqs=gvs, scores=plan.scores, entropy=zero_masked(entropy, bool_mask),
+                        sample_rewards=rewards)
+    per_token, clip_active = per_token_policy_loss(config, tokens, plan, controls)
 
-    per_token, aux = per_token_policy_loss(config, logprobs, old_logprobs, advantages, bool_mask, chosen)
-    weights, extra_loss, extra_metrics = _regularizers(
-        config, lp, old_logprobs.float(), bool_mask, reference_logprobs, generation_logprobs, rewards,
-        gvt_t, gvs_t,
-    )
+    extra_metrics: dict[str, float] = {}
+    weights, extra_loss = _nemo_rl_terms(config, lp, old, bool_mask, zero_masked(reference_logprobs, bool_mask),
+                                         zero_masked(generation_logprobs, bool_mask), rewards, gvt, gvs, extra_metrics)
     if weights is not None:
         per_token = per_token * weights
-    # Guard the division for a rank or micro-batch with no valid token at all (loss 0, gradient 0).
-    safe = lambda c: torch.where(c > 0, c, torch.ones_like(c))  # noqa: E731
     loss = reduce_per_token(per_token, bool_mask, token_level=config.token_level_loss,
-                            global_valid_tokens=safe(gvt_t), global_valid_seqs=safe(gvs_t))
+                            global_valid_tokens=gvt, global_valid_seqs=gvs)
     if extra_loss is not None:
         loss = loss + extra_loss
+    return loss, _metrics(config, plan, controls, tokens, loss, clip_active, extra_metrics)
 
-    maskf = bool_mask.float()
-    r, lr = aux["ratio"], aux["log_ratio"]
-    tok = lambda x: (x.float() * maskf).sum() / safe(gvt_t)  # noqa: E731
-    big = torch.finfo(torch.float32).max
-    summed = torch.stack([
-        loss.detach(),
-        tok(aux["clip_active"]),
-        tok(chosen),
-        tok(torch.expm1(lr) - lr),  # k3 estimate of KL(old || current), >= 0
-        tok(r),
-        tok(scores),
-        (scores.float() * chosen.float()).sum() / safe(gsel_t),
-        tok(-lp.detach()),
-        torch.where(bool_mask, r, torch.full_like(r, big)).min() if bool_mask.any() else torch.tensor(big),
-        torch.where(bool_mask, r, torch.full_like(r, -big)).max() if bool_mask.any() else torch.tensor(-big),
-        bool_mask.sum().float(),
-    ]).tolist()
-    names = ["loss", "clip_fraction", "selected_fraction", "kl_to_old", "ratio_mean", "cov_mean",
-             "cov_selected_mean", "entropy_proxy", "ratio_min", "ratio_max", "num_valid_tokens"]
-    metrics = dict(zip(names, summed))
-    metrics.update({k: (float(v) if torch.is_tensor(v) else v) for k, v in extra_metrics.items()})
-    return loss, metrics
+
+def _nemo_rl_terms(config, lp, old, mask, reference, generation, rewards, gvt, gvs, metrics):
+    """NeMo-RL's extras: ``(importance-sampling weights or None, extra loss or None)``; metrics added in place."""
+    counts = dict(global_valid_tokens=gvt, global_valid_seqs=gvs)
+    weights, extra = None, None
+    if config.use_importance_sampling_correction:
+        if generation is None:
+            raise ValueError("loss_fn.use_importance_sampling_correction=True needs generation_logprobs")
+        weights, m = nemo_rl_terms.importance_weights(config, old, generation, mask, **counts)
+        metrics.update(m)
+    if config.reference_policy_kl_penalty != 0 and not config.use_kl_in_reward:
+        if reference is None:
+            raise ValueError(
+                f"loss_fn.reference_policy_kl_penalty={config.reference_policy_kl_penalty} needs reference_logprobs "
+                "(or set it to 0, as the paper's recipes do)")
+        extra, m = nemo_rl_terms.reference_kl_penalty(config, lp, reference, generation, mask, **counts)
+        metrics.update(m)
+    if config.positive_example_nll_weight > 0:
+        if rewards is None:
+            raise ValueError(f"loss_fn.positive_example_nll_weight={config.positive_example_nll_weight} needs the "
+                             "per-sample rewards ([batch]) to find the correct samples")
+        nll, m = nemo_rl_terms.positive_example_nll(config, lp, rewards, mask)
+        extra = nll if extra is None else extra + nll
+        metrics.update(m)
+    return weights, extra
+
+
+def _metrics(config, plan, controls, tokens, loss, clip_active, extra) -> dict[str, float]:
+    """One dict: the loss's metrics (summable shares of the step's means; ``*_min`` / ``*_max`` extrema), then each
+    control's, then NeMo-RL's extras."""
+    mask = tokens.mask
+    share = lambda x: float(global_token_sum(x.float(), mask, tokens.global_valid_tokens))  # noqa: E731
+    selected = plan.selected & mask
+    r, rc, lr = tokens.ratio.detach(), tokens.clamped_ratio.detach(), tokens.log_ratio.detach()
+    low = lambda x: float(torch.where(mask, x, torch.full_like(x, _BIG)).min()) if any_valid else _BIG  # noqa: E731
+    high = lambda x: float(torch.where(mask, x, torch.full_like(x, -_BIG)).max()) if any_valid else -_BIG  # noqa: E731
+    any_valid = bool(mask.any())
+    metrics = {
+        "loss": float(loss.detach()),
+        "clip_fraction": share(clip_active),
+        "selected_fraction": share(selected),
+        "kl_to_old": share(torch.expm1(lr) - lr),  # k3 estimate of KL(old || current), >= 0
+        "ratio_mean": share(r),
+        "ratio_clamped_mean": share(rc),
+        "cov_mean": share(plan.scores),
+        "entropy_proxy": share(-tokens.logprobs.detach()),
+        "ratio_min": low(r),
+        "ratio_max": high(r),
+        "ratio_clamped_min": low(rc),
+        "ratio_clamped_max": high(rc),
+        "num_valid_tokens": float(mask.sum()),
+    }
+    if plan.global_selected_tokens is not None:
+        metrics["cov_selected_mean"] = float((plan.scores.float() * selected.float()).sum()
+                                             / safe_count(plan.global_selected_tokens, plan.scores.float()))
+    for control in controls:
+        metrics.update(control.metrics(tokens, plan.values.get(control.name, {})))
+    metrics.update(extra)
+    return metrics

@@ -1,4 +1,5 @@
-"""NeMo-RL's extra loss terms (nemo_entropy.losses.regularizers) against independent float64 math.
+"""NeMo-RL's extra loss terms and diagnostics (nemo_entropy.losses.nemo_rl_terms / diagnostics) against
+independent float64 math.
 
 References used: exact expectations over small categorical distributions (k1/k3 are unbiased KL
 estimators), closed forms written with probabilities instead of log-probs, autograd of a hand-written
@@ -12,7 +13,8 @@ import math
 import pytest
 import torch
 
-from nemo_entropy.losses import regularizers as reg
+from nemo_entropy.config import loss_config
+from nemo_entropy.losses import diagnostics, nemo_rl_terms
 
 D = torch.float64
 
@@ -38,34 +40,34 @@ def test_kl_estimators_are_unbiased_on_exact_expectations():
     q = torch.softmax(torch.randn(7, generator=gen, dtype=D), 0)
     true_kl = float((p * (p.log() - q.log())).sum())
     for kind in ("k1", "k3"):
-        per_outcome = reg.kl_estimate(p.log(), q.log(), kind)
+        per_outcome = nemo_rl_terms.kl_estimate(p.log(), q.log(), kind)
         assert float((p * per_outcome).sum()) == pytest.approx(true_kl, rel=1e-12)
     # k2 is 0.5 * E[(log p - log q)^2]
-    k2 = float((p * reg.kl_estimate(p.log(), q.log(), "k2")).sum())
+    k2 = float((p * nemo_rl_terms.kl_estimate(p.log(), q.log(), "k2")).sum())
     assert k2 == pytest.approx(0.5 * float((p * (p.log() - q.log()) ** 2).sum()), rel=1e-12)
     with pytest.raises(ValueError, match="reference_policy_kl_type='k4'"):
-        reg.kl_estimate(p.log(), q.log(), "k4")
+        nemo_rl_terms.kl_estimate(p.log(), q.log(), "k4")
 
 
 def test_kl_clamps_bound_input_and_output():
     logprobs = torch.tensor([-0.1, -30.0, -0.2, -0.1], dtype=D)
     reference = torch.tensor([-40.0, -0.1, -0.2, -2.1], dtype=D)
-    only_input = reg.kl_estimate(logprobs, reference, "k3", input_clamp=5.0)
+    only_input = nemo_rl_terms.kl_estimate(logprobs, reference, "k3", input_clamp=5.0)
     # x = ref - logprob is clamped to [-5, 5] before k3 = exp(x) - 1 - x
     assert float(only_input[0]) == pytest.approx(math.exp(-5.0) - 1 + 5.0, rel=1e-12)
     assert float(only_input[1]) == pytest.approx(math.exp(5.0) - 1 - 5.0, rel=1e-12)
-    both = reg.kl_estimate(logprobs, reference, "k3", input_clamp=5.0, output_clamp=3.0)
+    both = nemo_rl_terms.kl_estimate(logprobs, reference, "k3", input_clamp=5.0, output_clamp=3.0)
     assert both.tolist()[:3] == [3.0, 3.0, 0.0]
     assert float(both[3]) == pytest.approx(math.exp(-2.0) - 1 + 2.0, rel=1e-12)
 
 
 def test_reference_kl_value_gradient_and_microbatch_sum():
     b = _batch()
-    cfg = dict(reference_policy_kl_penalty=0.3, reference_policy_kl_type="k3",
-               kl_input_clamp_value=None, kl_output_clamp_value=None)
+    cfg = loss_config(dict(reference_policy_kl_penalty=0.3, reference_policy_kl_type="k3",
+                           kl_input_clamp_value=None, kl_output_clamp_value=None))
     n = b["mask"].sum()
     cur = b["cur"].clone().requires_grad_(True)
-    term, metrics = reg.reference_kl_penalty(cfg, cur, b["ref"], b["gen"], b["mask"], global_valid_tokens=n)
+    term, metrics = nemo_rl_terms.reference_kl_penalty(cfg, cur, b["ref"], b["gen"], b["mask"], global_valid_tokens=n)
     x = b["ref"] - b["cur"]
     k3 = torch.exp(x) - 1 - x
     expected = 0.3 * (k3 * b["mask"]).sum() / n
@@ -77,7 +79,7 @@ def test_reference_kl_value_gradient_and_microbatch_sum():
     torch.testing.assert_close(cur.grad, grad, rtol=1e-12, atol=1e-14)
     # micro-batches sum to the batch value
     parts = sum(
-        float(reg.reference_kl_penalty(cfg, b["cur"][i:i + 2], b["ref"][i:i + 2], None, b["mask"][i:i + 2],
+        float(nemo_rl_terms.reference_kl_penalty(cfg, b["cur"][i:i + 2], b["ref"][i:i + 2], None, b["mask"][i:i + 2],
                                        global_valid_tokens=n)[0])
         for i in range(0, 6, 2)
     )
@@ -86,11 +88,11 @@ def test_reference_kl_value_gradient_and_microbatch_sum():
 
 def test_reference_kl_on_policy_approximation_and_sequence_level():
     b = _batch(2)
-    cfg = dict(reference_policy_kl_penalty=1.0, reference_policy_kl_type="k1", use_on_policy_kl_approximation=True,
-               kl_input_clamp_value=None, kl_output_clamp_value=None, token_level_loss=False)
+    cfg = loss_config(dict(reference_policy_kl_penalty=1.0, reference_policy_kl_type="k1",
+                           use_on_policy_kl_approximation=True, kl_input_clamp_value=None, kl_output_clamp_value=None,
+                           token_level_loss=False))
     seqs = b["sample_mask"].sum()
-    term, _ = reg.reference_kl_penalty(cfg, b["cur"], b["ref"], b["gen"], b["mask"], global_valid_seqs=seqs,
-                                       sample_mask=b["sample_mask"])
+    term, _ = nemo_rl_terms.reference_kl_penalty(cfg, b["cur"], b["ref"], b["gen"], b["mask"], global_valid_seqs=seqs)
     per_token = torch.exp(b["cur"] - b["gen"]) * (b["cur"] - b["ref"])
     expected = 0.0
     for i in range(6):
@@ -101,21 +103,22 @@ def test_reference_kl_on_policy_approximation_and_sequence_level():
 
 def test_reference_kl_disabled_by_zero_penalty_or_kl_in_reward():
     b = _batch()
-    for cfg in (dict(reference_policy_kl_penalty=0.0), dict(reference_policy_kl_penalty=0.5, use_kl_in_reward=True)):
-        term, metrics = reg.reference_kl_penalty(cfg, b["cur"], None, None, b["mask"], global_valid_tokens=10)
+    for cfg in (loss_config(dict(reference_policy_kl_penalty=0.0)),
+                loss_config(dict(reference_policy_kl_penalty=0.5, use_kl_in_reward=True))):
+        term, metrics = nemo_rl_terms.reference_kl_penalty(cfg, b["cur"], None, None, b["mask"], global_valid_tokens=10)
         assert float(term) == 0.0 and metrics["kl_penalty"] == 0.0
     with pytest.raises(ValueError, match="reference_policy_kl_penalty=0.5"):
-        reg.reference_kl_penalty(dict(reference_policy_kl_penalty=0.5), b["cur"], None, None, b["mask"])
+        nemo_rl_terms.reference_kl_penalty(loss_config(dict(reference_policy_kl_penalty=0.5)), b["cur"], None, None, b["mask"])
 
 
 @pytest.mark.parametrize("kind", ["tis", "icepop", "seq-mask-tis", None])
 def test_importance_weights_truncation(kind):
     b = _batch(3)
     n, seqs = b["mask"].sum(), b["sample_mask"].sum()
-    cfg = dict(use_importance_sampling_correction=True, truncated_importance_sampling_type=kind,
-               truncated_importance_sampling_ratio=None if kind is None else 1.1,
-               truncated_importance_sampling_ratio_min=None if kind in (None, "tis") else 0.9)
-    weights, metrics = reg.importance_weights(cfg, b["old"], b["gen"], b["mask"], global_valid_tokens=n,
+    cfg = loss_config(dict(use_importance_sampling_correction=True, truncated_importance_sampling_type=kind,
+                           truncated_importance_sampling_ratio=None if kind is None else 1.1,
+                           truncated_importance_sampling_ratio_min=None if kind in (None, "tis") else 0.9))
+    weights, metrics = nemo_rl_terms.importance_weights(cfg, b["old"], b["gen"], b["mask"], global_valid_tokens=n,
                                               global_valid_seqs=seqs, sample_mask=b["sample_mask"])
     p_old, p_gen = b["old"].exp(), b["gen"].exp()
     raw = p_old / p_gen
@@ -144,7 +147,7 @@ def test_importance_weights_truncation(kind):
 
 def test_importance_weights_off_are_ones_but_still_reported():
     b = _batch(4)
-    weights, metrics = reg.importance_weights({}, b["old"], b["gen"], b["mask"], global_valid_tokens=b["mask"].sum())
+    weights, metrics = nemo_rl_terms.importance_weights(loss_config({}), b["old"], b["gen"], b["mask"], global_valid_tokens=b["mask"].sum())
     assert torch.equal(weights, torch.ones_like(b["old"]))
     ratio = (b["old"].exp() / b["gen"].exp() * b["mask"]).sum() / b["mask"].sum()
     assert metrics["sampling_importance_ratio"] == pytest.approx(float(ratio), rel=1e-12)
@@ -152,9 +155,10 @@ def test_importance_weights_off_are_ones_but_still_reported():
 
 def test_sequence_level_importance_weights_are_products_of_token_ratios():
     b = _batch(5)
-    cfg = dict(use_importance_sampling_correction=True, sequence_level_importance_ratios=True, token_level_loss=False)
+    cfg = loss_config(dict(use_importance_sampling_correction=True, sequence_level_importance_ratios=True,
+                           token_level_loss=False))
     seqs = b["sample_mask"].sum()
-    weights, metrics = reg.importance_weights(cfg, b["old"], b["gen"], b["mask"], global_valid_seqs=seqs,
+    weights, metrics = nemo_rl_terms.importance_weights(cfg, b["old"], b["gen"], b["mask"], global_valid_seqs=seqs,
                                               sample_mask=b["sample_mask"])
     ratio = b["old"].exp() / b["gen"].exp()
     product = torch.where(b["mask"].bool(), ratio, torch.ones_like(ratio)).prod(dim=-1)
@@ -166,21 +170,21 @@ def test_sequence_level_importance_weights_are_products_of_token_ratios():
 def test_positive_example_nll():
     b = _batch(6)
     rewards = torch.tensor([1.0, 0.0, 1.0, -1.0, 1.0, 1.0], dtype=D)
-    term, metrics = reg.positive_example_nll(dict(positive_example_nll_weight=0.5), b["cur"], rewards, b["mask"])
+    term, metrics = nemo_rl_terms.positive_example_nll(loss_config(dict(positive_example_nll_weight=0.5)), b["cur"], rewards, b["mask"])
     rows = [i for i in range(6) if rewards[i] > 0]
     tokens = torch.cat([b["cur"][i][b["mask"][i].bool()] for i in rows])
     assert metrics["positive_nll_loss"] == pytest.approx(float(-tokens.mean()), rel=1e-12)
     assert float(term) == pytest.approx(0.5 * float(-tokens.mean()), rel=1e-12)
-    zero, m0 = reg.positive_example_nll(dict(positive_example_nll_weight=0.5), b["cur"], -rewards.abs(), b["mask"])
+    zero, m0 = nemo_rl_terms.positive_example_nll(loss_config(dict(positive_example_nll_weight=0.5)), b["cur"], -rewards.abs(), b["mask"])
     assert float(zero) == 0.0 and m0["positive_nll_loss"] == 0.0
     with pytest.raises(ValueError, match="rewards must have shape"):
-        reg.positive_example_nll(dict(positive_example_nll_weight=0.5), b["cur"], rewards[:3], b["mask"])
+        nemo_rl_terms.positive_example_nll(loss_config(dict(positive_example_nll_weight=0.5)), b["cur"], rewards[:3], b["mask"])
 
 
 def test_generation_mismatch_metrics_from_probabilities():
     b = _batch(7)
     n = b["mask"].sum()
-    metrics = reg.generation_mismatch_metrics({}, b["old"], b["gen"], b["mask"], global_valid_tokens=n)
+    metrics = diagnostics.generation_mismatch_metrics(loss_config({}), b["old"], b["gen"], b["mask"], global_valid_tokens=n)
     p, q = b["old"].exp(), b["gen"].exp()
     m = 0.5 * (p + q)
     js = 0.5 * (p / m - 1 - torch.log(p / m)) + 0.5 * (q / m - 1 - torch.log(q / m))
@@ -190,15 +194,16 @@ def test_generation_mismatch_metrics_from_probabilities():
     # k3 with x = log(p_old / p_gen): KL(gen || old) estimate
     assert metrics["gen_kl_error"] == pytest.approx(mean(p / q - 1 - torch.log(p / q)), rel=1e-12)
     assert metrics["policy_kl_error"] == pytest.approx(mean(q / p - 1 - torch.log(q / p)), rel=1e-12)
-    same = reg.generation_mismatch_metrics({}, b["old"], b["old"], b["mask"], global_valid_tokens=n)
+    same = diagnostics.generation_mismatch_metrics(loss_config({}), b["old"], b["old"], b["mask"], global_valid_tokens=n)
     assert same["js_divergence_error"] == pytest.approx(0.0, abs=1e-14)
     assert same["token_mult_prob_error"] == pytest.approx(1.0, rel=1e-12)
 
 
 def test_metric_normalizations_follow_the_flags():
-    assert reg.metric_normalizations({})["kl_penalty"] == "tokens"
-    seq = reg.metric_normalizations(dict(token_level_loss=False, sequence_level_importance_ratios=True))
+    assert diagnostics.metric_normalizations(loss_config({}))["kl_penalty"] == "tokens"
+    seq = diagnostics.metric_normalizations(loss_config(dict(token_level_loss=False, sequence_level_importance_ratios=True)))
     assert seq["kl_penalty"] == "sequences" and seq["sampling_importance_ratio"] == "sequences"
-    tis = reg.metric_normalizations(dict(truncated_importance_sampling_type="seq-mask-tis",
-                                         truncated_importance_sampling_ratio=2.0))
+    tis = diagnostics.metric_normalizations(loss_config(dict(
+        use_importance_sampling_correction=True, truncated_importance_sampling_type="seq-mask-tis",
+        truncated_importance_sampling_ratio=2.0, truncated_importance_sampling_ratio_min=0.5)))
     assert tis["is_oob_ratio"] == "sequences"

@@ -1,0 +1,61 @@
+"""The entropy controls, one module each, and their registry.
+
+Adding a control: one module here (its config section, plan, per-token change, metrics, state; see
+``base.Control``), one line in :data:`REGISTRY`, its rows in docs/config_reference.md, and its tests. Nothing else
+changes: the config, the plan builder, the loss, the engine and the NeMo-RL adapter find it through the registry.
+"""
+
+from __future__ import annotations
+
+from .base import Control, ControlConfig, TokenBatch
+from .clip_cov import ClipCov
+from .kl_cov import KLCov
+from .ppo import PPO
+
+REGISTRY: dict[str, type[Control]] = {cls.name: cls for cls in (
+    PPO,
+    ClipCov,
+    KLCov,
+)}
+"""Every control by name, in the order their plans are built and their per-token changes applied."""
+
+__all__ = ["REGISTRY", "Control", "ControlConfig", "TokenBatch", "ControlSet"]
+
+
+class ControlSet:
+    """The active controls of one loss config, instantiated (with their state) in registry order."""
+
+    def __init__(self, config):
+        active = set(config.active_controls)
+        self.controls: list[Control] = [cls(config) for name, cls in REGISTRY.items() if name in active]
+
+    def __iter__(self):
+        return iter(self.controls)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset().union(*(c.needs for c in self.controls))
+
+    @property
+    def needs_step_plan(self) -> bool:
+        """Whether a micro-batch needs the step's plan (else it can plan over its own call)."""
+        return any(c.needs_step_plan() for c in self.controls)
+
+    @property
+    def selection(self):
+        """The active covariance selection (Clip-Cov or KL-Cov), or None."""
+        return next((c for c in self.controls if c.selects_tokens), None)
+
+    def update(self, plan) -> None:
+        for control in self.controls:
+            control.update(plan)
+
+    def state_dict(self) -> dict:
+        return {c.name: c.state_dict() for c in self.controls if c.stateful}
+
+    def load_state_dict(self, state) -> None:
+        state = dict(state or {})
+        for control in self.controls:
+            control.load_state_dict(state.pop(control.name, {}))
+        if state:
+            raise ValueError(f"checkpointed state for controls {sorted(state)} that this config does not run")

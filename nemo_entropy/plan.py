@@ -1,0 +1,300 @@
+"""The per-step plan: one call per optimizer step builds everything the step's controls need from the whole step.
+
+:func:`build_step_plan` runs on every rank of the token group, once per optimizer step, before the first
+micro-batch, over this rank's share of the step (old log-probs, advantages, mask, token uids, and the old policy's
+entropy when a control needs it). It issues **every collective of the step, here and only here**, always in the
+same order on every rank:
+
+1. one all-reduce (int64) of the step's counts and exact fixed-point sums: valid tokens, valid sequences,
+   ``sum l`` and ``sum A`` (or ``sum p A``) for the covariance means, ``sum H`` when a control needs the step's
+   mean entropy, and the count of ranks whose inputs are bad (so every rank raises together after it);
+2. one all-gather per exact top-k a control asks for (:meth:`StepContext.top_k`), in registry order:
+   KL-Cov's top covariance, Clip-Cov's random subset, a top-entropy quantile, ...
+
+The result, a :class:`StepPlan`, holds the global counts, the exact covariance scores and each control's values
+(per-token tensors shaped like the step's mask, and scalars). The micro-batch loss takes ``plan.rows(...)`` and
+issues no collective. The engine calls this per optimizer step with its DP group; NeMo-RL's driver calls it with
+no group over the whole step (it holds every sample) and attaches the plan to the batch
+(:func:`plan_to_batch` / :func:`plan_from_batch`), so it rides with its tokens through sharding, packing and
+micro-batching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+import torch
+
+from .parallel import GroupsLike, as_groups
+from .selection import (
+    covariance_inputs,
+    distributed_top_k,
+    exact_group_sums,
+    scores_from_means,
+    validate_token_inputs,
+)
+
+if TYPE_CHECKING:
+    from .config import LossConfig
+    from .controls import ControlSet
+
+__all__ = ["StepInputs", "StepContext", "StepPlan", "build_step_plan", "reference_selection", "plan_to_batch",
+           "plan_from_batch", "default_token_uids"]
+
+
+@dataclass
+class StepInputs:
+    """This rank's share of one optimizer step: ``[batch, length]`` tensors aligned with ``mask``.
+
+    ``old_logprobs`` are the log-probs of the policy that generated the data (NeMo-RL's ``prev_logprobs``);
+    masked positions may hold anything (even -inf or NaN). ``token_uids`` identify tokens independently of the
+    layout (``selection.token_uids_for``); ``old_entropy`` is the generating policy's full-vocabulary entropy,
+    needed only by controls that declare ``old_entropy``.
+    """
+
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    token_uids: Optional[torch.Tensor] = None
+    old_entropy: Optional[torch.Tensor] = None
+
+
+def default_token_uids(mask: torch.Tensor, groups: GroupsLike = None) -> torch.Tensor:
+    """Token uids unique over the token group without communication: ``flat index x world + rank``.
+
+    They depend on the layout (pass :func:`~nemo_entropy.selection.token_uids_for` uids for layout-independent
+    random draws), but never coincide across ranks, so a quota is never exceeded.
+    """
+    g = as_groups(groups)
+    flat = torch.arange(mask.numel(), dtype=torch.int64, device=mask.device).reshape(mask.shape)
+    return flat * g.token_world_size + g.token_rank
+
+
+class StepContext:
+    """What a control's :meth:`~nemo_entropy.controls.Control.plan` sees: the step's local tensors (zeros on masked
+    positions), the global counts and means, the exact covariance scores, and the one collective a control may
+    ask for, :meth:`top_k`."""
+
+    def __init__(self, config: "LossConfig", inputs: StepInputs, mask: torch.Tensor, *, step: int, groups,
+                 num_valid_tokens: int, num_valid_seqs: int, scores: torch.Tensor,
+                 entropy_mean: Optional[float], clip_active: Optional[torch.Tensor]):
+        self.config = config
+        self.mask = mask
+        self.old_logprobs = inputs.old_logprobs
+        self.advantages = inputs.advantages
+        self.old_entropy = inputs.old_entropy
+        self.token_uids = inputs.token_uids
+        self.step = step
+        self.num_valid_tokens = num_valid_tokens
+        self.num_valid_seqs = num_valid_seqs
+        self.scores = scores
+        self.entropy_mean = entropy_mean
+        """Mean old-policy entropy over the step's valid tokens (exact, every rank), when a control needs it."""
+        self.clip_active = clip_active
+        """``scope: microbatch`` only: tokens the PPO clip already clipped (the reference skips them)."""
+        self._groups = groups
+
+    def top_k(self, priority: torch.Tensor, eligible: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+        """The ``k`` eligible tokens of the whole step ranked first by (priority desc, token uid asc), and how many
+        that is over the step (fewer than ``k`` when fewer are eligible): one all-gather. Every rank must ask for
+        the same ``k`` in the same order (controls derive ``k`` from the global counts)."""
+        return distributed_top_k(priority, self.token_uids, eligible & self.mask, k, self._groups)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything one optimizer step's micro-batches need, computed once (:func:`build_step_plan`).
+
+    Per-token tensors are shaped like the step's (or, after :meth:`rows`, the micro-batch's) mask.
+    """
+
+    step: int
+    global_valid_tokens: float
+    global_valid_seqs: float
+    scores: torch.Tensor
+    """Exact covariance scores over the step (0 on masked tokens), for the selections and the diagnostics."""
+    values: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Per active control: its per-step values (per-token tensors and scalars)."""
+
+    def rows(self, rows: Any) -> "StepPlan":
+        """The plan of a micro-batch: every per-token tensor restricted to ``rows`` (a slice or index tensor)."""
+        def cut(value):
+            return value[rows] if isinstance(value, torch.Tensor) and value.dim() >= 1 else value
+
+        return replace(self, scores=cut(self.scores),
+                       values={name: {k: cut(v) for k, v in vals.items()} for name, vals in self.values.items()})
+
+    @property
+    def global_selected_tokens(self) -> Optional[float]:
+        """Tokens the covariance selection chose over the whole step (None when no selection runs, or when it
+        selects per call: ``scope: microbatch``)."""
+        for vals in self.values.values():
+            if vals.get("num_selected") is not None:
+                return float(vals["num_selected"])
+        return None
+
+    @property
+    def selected(self) -> torch.Tensor:
+        """The covariance selection's mask (all False when no selection runs)."""
+        for vals in self.values.values():
+            if "selected" in vals:
+                return vals["selected"]
+        return torch.zeros(self.scores.shape, dtype=torch.bool, device=self.scores.device)
+
+
+def _reference_scores(logprobs, advantages, mask, form) -> torch.Tensor:
+    """``scope: microbatch``: the reference's scores, with plain float means over one call's valid tokens (its
+    arithmetic, so its per-call selection is reproduced exactly, near-ties included)."""
+    if not bool(mask.any()):
+        return torch.zeros_like(logprobs)
+    x = advantages if form == "natural" else torch.exp(logprobs) * advantages
+    scores = (logprobs - logprobs[mask].mean()) * (x - x[mask].mean())
+    return torch.where(mask, scores, torch.zeros_like(scores))
+
+
+def _local_inputs(inputs: StepInputs, needs: frozenset[str], groups) -> tuple[Optional[torch.Tensor], Optional[Exception]]:
+    """This rank's mask and its input error (never raised here: it rides the all-reduce)."""
+    try:
+        if "old_entropy" in needs and inputs.old_entropy is None:
+            raise ValueError("a control of this loss needs the old policy's per-token entropy (StepInputs.old_entropy)")
+        mask = validate_token_inputs(inputs.mask, check_finite=False, old_logprobs=inputs.old_logprobs,
+                                     advantages=inputs.advantages, token_uids=inputs.token_uids,
+                                     old_entropy=inputs.old_entropy if "old_entropy" in needs else None)
+        return mask, None
+    except (TypeError, ValueError) as err:
+        return None, err
+
+
+def build_step_plan(
+    config: "LossConfig",
+    inputs: StepInputs,
+    *,
+    step: int,
+    groups: GroupsLike = None,
+    controls: Optional["ControlSet"] = None,
+    clip_active: Optional[torch.Tensor] = None,
+    local_error: Optional[Exception] = None,
+) -> StepPlan:
+    """The plan of one optimizer step, on every rank of the token group (``groups``; ``None``: one process holds
+    the whole step). ``controls`` carries stateful controls' state (default: the config's controls, fresh).
+    ``clip_active`` marks ``scope: microbatch`` re-planning inside a loss call (no group then): the reference's
+    selection over one call, with its float means, skipping the tokens the PPO clip already clipped.
+
+    Collectives, in this order on every rank: one all-reduce, then one all-gather per top-k a control asks for.
+    Bad inputs on any rank (or a ``local_error`` the caller found) make every rank raise after the all-reduce.
+    """
+    from .controls import ControlSet
+
+    controls = controls if controls is not None else ControlSet(config)
+    needs = controls.needs
+    mask, input_error = _local_inputs(inputs, needs, groups)
+    local_error = local_error or input_error
+    ok = local_error is None
+    empty = torch.zeros(0)
+    counts = [mask.sum(), mask.any(-1).sum()] if ok else [torch.tensor(0), torch.tensor(0)]
+    values = covariance_inputs(inputs.old_logprobs, inputs.advantages, config.cov_form) if ok else \
+        [("logprobs", empty), ("advantages", empty)]
+    if "old_entropy" in needs:
+        values.append(("old_entropy", inputs.old_entropy if ok else empty))
+    (n_tokens, n_seqs), sums = exact_group_sums(counts, values, mask, groups, local_error=local_error)
+    denom = float(max(n_tokens, 1))
+    mean_l, mean_x = sums[0] / denom, sums[1] / denom
+    entropy_mean = float(sums[2] / denom) if "old_entropy" in needs else None
+    uids = inputs.token_uids if inputs.token_uids is not None else default_token_uids(mask, groups)
+    zero = torch.zeros((), dtype=torch.float32, device=mask.device)
+    local = StepInputs(
+        old_logprobs=torch.where(mask, inputs.old_logprobs.detach().float(), zero),
+        advantages=torch.where(mask, inputs.advantages.detach().float(), zero),
+        mask=mask, token_uids=uids,
+        old_entropy=None if inputs.old_entropy is None else torch.where(mask, inputs.old_entropy.detach().float(), zero),
+    )
+    if clip_active is None:
+        scores = scores_from_means(local.old_logprobs, local.advantages, mask, mean_l, mean_x, config.cov_form)
+    else:
+        scores = _reference_scores(local.old_logprobs, local.advantages, mask, config.cov_form)
+    ctx = StepContext(config, local, mask, step=step, groups=groups, num_valid_tokens=n_tokens,
+                      num_valid_seqs=n_seqs, scores=scores, entropy_mean=entropy_mean, clip_active=clip_active)
+    plan_values = {control.name: control.plan(ctx) for control in controls}
+    return StepPlan(step=step, global_valid_tokens=float(n_tokens), global_valid_seqs=float(n_seqs), scores=scores,
+                    values=plan_values)
+
+
+def reference_selection(config: "LossConfig", logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                        *, token_uids: Optional[torch.Tensor], step: int, clip_active: torch.Tensor,
+                        controls: Optional["ControlSet"] = None) -> StepPlan:
+    """``scope: microbatch``: the reference's per-call selection (verl, the paper's repository), as a plan of one
+    call: current detached log-probs, plain float means over the call's valid tokens, quota from the call's own
+    count, tokens the PPO clip already clipped (``clip_active``) skipped. No communication."""
+    return build_step_plan(config, StepInputs(logprobs.detach(), advantages, mask, token_uids), step=step,
+                           controls=controls, clip_active=clip_active)
+
+
+# ----------------------------------------------------------------------------------------------- NeMo-RL batches
+PREFIX = "entropy_plan"
+
+
+def plan_to_batch(plans: list[tuple[slice, StepPlan]], batch_size: int, length: int,
+                  device: Optional[torch.device] = None) -> dict[str, torch.Tensor]:
+    """Per-sample tensors that carry the step plans of a batch through NeMo-RL's sharding, packing and
+    micro-batching: ``[B, S]`` per-token values (position ``t`` describes token ``t``, so the loss reads them
+    shifted by one, like every per-token tensor of NeMo-RL) and ``[B]`` per-step scalars. ``plans`` pairs each
+    optimizer step's sample rows with its plan (built on ``[rows, 1:]``).
+    """
+    out: dict[str, torch.Tensor] = {}
+
+    def put(key, rows, value):
+        if isinstance(value, torch.Tensor):
+            dtype = torch.float32 if value.dtype == torch.bool else value.dtype
+            name = f"{key}:bool" if value.dtype == torch.bool else key
+            buf = out.setdefault(name, torch.zeros(batch_size, length, dtype=dtype, device=device))
+            buf[rows, 1:] = value.to(dtype)
+        elif value is not None:
+            buf = out.setdefault(key, torch.zeros(batch_size, dtype=torch.float64, device=device))
+            buf[rows] = float(value)
+
+
+    for rows, plan in plans:
+        put(f"{PREFIX}.step", rows, plan.step)
+        put(f"{PREFIX}.scores", rows, plan.scores)
+        for name, vals in plan.values.items():
+            for key, value in vals.items():
+                put(f"{PREFIX}.{name}.{key}", rows, value)
+    return out
+
+
+def plan_from_batch(data: Mapping[str, Any], *, global_valid_tokens: float, global_valid_seqs: float,
+                    device: Optional[torch.device] = None) -> Optional[StepPlan]:
+    """The plan of a micro-batch from the keys :func:`plan_to_batch` attached (None when there are none).
+
+    Per-token tensors come back shifted (``[:, 1:]``) to align with NeMo-RL's next-token log-probs; per-step
+    scalars are read from the first sample (every sample of an optimizer step carries the same value).
+    """
+    step_key = f"{PREFIX}.step"
+    if step_key not in data:
+        return None
+    first = lambda t: t.reshape(-1)[0].item() if t.numel() else 0.0  # noqa: E731
+    values: dict[str, dict[str, Any]] = {}
+    scores = None
+    for key, tensor in data.items():
+        if not key.startswith(PREFIX + "."):
+            continue
+        name = key[len(PREFIX) + 1:]
+        is_bool = name.endswith(":bool")
+        name = name[:-5] if is_bool else name
+        if tensor.dim() >= 2:
+            value = tensor[:, 1:].to(device) if device is not None else tensor[:, 1:]
+            value = value != 0 if is_bool else value
+        else:
+            value = first(tensor)
+        if name == "step":
+            continue
+        if name == "scores":
+            scores = value.float()
+        else:
+            control, _, key_name = name.partition(".")
+            values.setdefault(control, {})[key_name] = value
+    if scores is None:
+        raise KeyError(f"{PREFIX}.scores is missing from the batch next to {step_key}")
+    return StepPlan(step=int(first(data[step_key])), global_valid_tokens=float(global_valid_tokens),
+                    global_valid_seqs=float(global_valid_seqs), scores=scores, values=values)
