@@ -21,6 +21,7 @@ import numpy as np
 from .series import LawInputError
 
 MIN_PAIRS = 3
+_CONSTANT_RTOL = 1e-9
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,12 @@ def entropy_change_correlation(steps, entropy, predicted_change) -> EntropyChang
         raise LawInputError(f"only {len(observed)} (t, t+1) pairs with entropy at both steps and a prediction "
                             f"at t; the correlation needs at least {MIN_PAIRS}")
     obs, prd = np.asarray(observed), np.asarray(predicted)
+    for name, values in (("observed change", obs), ("predicted change", prd)):
+        # Differences of equal entropies differ in the last bits, so "constant" means up to rounding.
+        if np.ptp(values) <= _CONSTANT_RTOL * np.max(np.abs(values)):
+            raise LawInputError(f"the {name} is constant over the {values.size} pairs: no correlation is defined")
     d_obs, d_prd = obs - obs.mean(), prd - prd.mean()
     ss_obs, ss_prd = float(d_obs @ d_obs), float(d_prd @ d_prd)
-    if ss_obs == 0.0 or ss_prd == 0.0:
-        which = "observed change" if ss_obs == 0.0 else "predicted change"
-        raise LawInputError(f"the {which} is constant over the {obs.size} pairs: no correlation is defined")
     cross = float(d_obs @ d_prd)
     return EntropyChangeCorrelation(correlation=cross / np.sqrt(ss_obs * ss_prd), slope=cross / ss_prd,
                                     n=int(obs.size), n_unpaired=unpaired)
