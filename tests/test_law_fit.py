@@ -168,6 +168,9 @@ def test_split_fraction_is_exact_for_thirds(fraction):
         fraction = Fraction(fraction)
     split = split_points(np.arange(1, 121), fit_fraction=fraction)
     assert int(split.fit.sum()) == 40 and int(split.heldout.sum()) == 80
+    # and the count rounds down: a third of 10 points is 3
+    split = split_points(np.arange(1, 11), fit_fraction=fraction)
+    assert split.fit.tolist() == [True] * 3 + [False] * 7 and split.heldout.tolist() == [False] * 3 + [True] * 7
 
 
 def test_fit_fraction_one_holds_nothing_out():
