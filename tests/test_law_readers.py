@@ -236,3 +236,17 @@ def test_source_detection_and_its_errors(tmp_path):
     ours = write_ours(tmp_path / "ours", *data)
     assert read_run(ours).source == "jsonl"
     assert read_run(ours, source="tensorboard").source == "tensorboard"
+
+
+def test_tensorboard_resumed_without_purge_keeps_the_later_values(tmp_path):
+    # A run restarted from step 2 by a second writer in the same directory logs steps 3..5 again.
+    from torch.utils.tensorboard import SummaryWriter
+
+    for offset, steps in ((0.0, range(1, 6)), (0.5, range(3, 6))):
+        writer = SummaryWriter(str(tmp_path))
+        for s in steps:
+            writer.add_scalar("train/entropy", 0.25 + offset + s / 64, s)  # exact in float32
+        writer.close()
+    scalars = read_run(str(tmp_path))
+    assert scalars.values["train/entropy"] == {s: 0.25 + (0.5 if s >= 3 else 0.0) + s / 64 for s in range(1, 6)}
+    assert any("3 (tag, step) values logged more than once" in n for n in scalars.notes)
