@@ -126,13 +126,14 @@ def test_non_finite_and_null_values_are_dropped_and_counted(tmp_path):
     rows[2]["entropy_mean"] = None  # the engine writes non-finite values as null
     del rows[5]["reward_mean"]
     rows[7]["reward_mean"] = float("nan")  # json.dumps writes NaN; a foreign writer might
+    rows.append({"step": 11, "loss": 0.1})  # neither value: one dropped step, missing both
     with open(path, "w") as fh:
         for row in rows:
             fh.write(json.dumps(row) + "\n")
     series = pair_series(read_run(str(path)), "entropy_mean", "reward_mean")
     assert series.steps.tolist() == [1, 2, 4, 5, 7, 9, 10]
-    assert (series.n_dropped, series.n_missing_x, series.n_missing_y) == (3, 1, 2)
-    assert "dropped 3" in series.dropped_summary()
+    assert (series.n_steps, series.n_dropped, series.n_missing_x, series.n_missing_y) == (11, 4, 2, 3)
+    assert "kept 7 of 11 steps; dropped 4" in series.dropped_summary()
 
 
 def test_torn_last_line_is_ignored_with_a_note_and_a_damaged_line_is_an_error(tmp_path):
