@@ -177,7 +177,7 @@ def test_fit_fraction_one_holds_nothing_out():
     h, r = draw_law(10, seed=2)
     law = fit_run(make_series(h, r), fit_fraction=1, bootstrap=0)
     assert law.n_heldout == 0 and law.rmse_heldout is None and law.n_fit == 10
-    assert law.to_json()["heldout_steps"] is None
+    assert law.to_json()["heldout_step_range"] is None
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -210,5 +210,5 @@ def test_fit_run_reports_the_contract_keys_consistently():
     assert {"a", "b", "ceiling", "rmse_heldout", "n_fit", "n_heldout"} <= set(out)
     assert out["ceiling"] == pytest.approx(out["b"] - out["a"])
     assert (out["n_fit"], out["n_heldout"]) == (30, 60)
-    assert out["fit_steps"] == [1, 30] and out["heldout_steps"] == [31, 90]
+    assert out["fit_step_range"] == [1, 30] and out["heldout_step_range"] == [31, 90]
     assert out["a_interval"][0] < out["a"] < out["a_interval"][1]
