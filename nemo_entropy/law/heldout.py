@@ -55,8 +55,10 @@ class Split:
     rule: str  # how the split was chosen, for the report
 
 
-def check_split_options(*, fit_steps: Optional[int] = None, fit_fraction: Optional[Number] = None,
-                        heldout_fraction: Optional[Number] = None) -> tuple[Optional[int], Fraction, Optional[Fraction]]:
+def check_split_options(
+    *, fit_steps: Optional[int] = None, fit_fraction: Optional[Number] = None,
+    heldout_fraction: Optional[Number] = None,
+) -> tuple[Optional[int], Fraction, Optional[Fraction]]:
     """Validate the split options on their own (before any run is read): ``(fit_steps, fit_fraction,
     heldout_fraction)`` with the fractions exact and the default fit fraction filled in."""
     if fit_steps is not None and fit_fraction is not None:
