@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "compare": ("nemo_entropy.engine.compare", "main", "run GRPO, Clip-Cov and KL-Cov locally and plot them"),
     "demo": ("nemo_entropy.demo", "main", "the losses on a synthetic batch: selected fraction, entropy proxy, loss"),
     "build-kernels": ("nemo_entropy.entropy.build", "main", "build the CPU (and, with CUDA, GPU) kernels"),
+    "law": ("nemo_entropy.law.cli", "main", "fit the entropy-performance law R = -a exp(H) + b to runs; diagnostics"),
     "check-nemo-rl": ("nemo_entropy.integrations.preflight", "main",
                       "check that the installed NeMo-RL fits the run entry and the loss adapter (seconds, no GPU)"),
 }
