@@ -311,3 +311,47 @@ def test_preflight_names_an_interface_changed_by_hand(tmp_path, edit, named):
     target.write_text(text.replace(old, new))
     out = _preflight(copy, "main")
     assert out.returncode == 1 and "INCOMPATIBLE" in out.stderr and named in out.stderr, out.stdout + out.stderr
+
+
+# ----------------------------------------------------------------------------------------------- old entropy
+def test_token_values_survive_nemo_rl_metric_plumbing():
+    import pickle
+
+    from nemo_entropy.integrations.entropy_probe import TokenValues
+
+    a = TokenValues(torch.tensor([3, 1]), torch.tensor([0.5, 1.5]))
+    b = TokenValues(torch.tensor([7]), torch.tensor([2.0]))
+    total = 0
+    total += a  # the packing wrapper starts every metric at 0
+    total = (total + b) / 4  # ... sums per sequence; workers divide by the number of global batches
+    total = pickle.loads(pickle.dumps(total))
+    assert total.uids.tolist() == [3, 1, 7] and total.values.tolist() == [0.5, 1.5, 2.0]
+
+
+@pytest.mark.parametrize("generation", ["main"])
+def test_old_entropy_pass_runs_nemo_rl_training_loop_in_eval_mode(generation, monkeypatch):
+    """The driver's entropy pass through the stand-in's train loop equals float64 entropy of its logits."""
+    monkeypatch.setenv("NEMO_RL_STANDIN_GENERATION", generation)
+    monkeypatch.syspath_prepend(str(STANDIN))
+    _drop_nemo_rl_modules()
+    try:
+        from nemo_rl.algorithms.grpo import MasterConfig, rollout_batch
+        from nemo_rl.models.policy.lm_policy import Policy, bigram_logits
+
+        from nemo_entropy.integrations.entropy_probe import old_entropy_of
+
+        master = MasterConfig(policy={}, loss_fn={}, grpo={"num_prompts_per_step": 4, "num_generations_per_prompt": 4},
+                              data={"sequence_length": 12}, checkpointing={}, cluster={})
+        data = rollout_batch(0, master)
+        data[batch_keys.TOKEN_UIDS] = token_uids_for(torch.arange(16), 12)
+        got = old_entropy_of(Policy({"train_global_batch_size": 8, "train_micro_batch_size": 2}), data,
+                             train_global_batch_size=8)
+        logp = torch.log_softmax(bigram_logits(data["input_ids"]).double(), -1)[:, :-1]
+        want = torch.zeros(16, 12, dtype=torch.float64)
+        want[:, 1:] = -(logp.exp() * logp).sum(-1)
+        valid = torch.zeros(16, 12, dtype=torch.bool)
+        valid[:, 1:] = (data["token_mask"][:, 1:] * data["sample_mask"][:, None]) != 0
+        torch.testing.assert_close(got[valid].double(), want[valid], rtol=1e-5, atol=1e-6)
+        assert bool((got[~valid] == 0).all())
+    finally:
+        _drop_nemo_rl_modules()

@@ -14,9 +14,12 @@ TOKEN_UIDS = "entropy_token_uids"
 """int64 [B, S]: layout-independent token id (sample index in the rollout batch x S + position)."""
 STEP = "entropy_step"
 """int64 [B]: the global optimizer step the sample is trained in (Clip-Cov's hash keys use it)."""
+OLD_ENTROPY = "entropy_old"
+"""float32 [B, S]: the old policy's full-vocabulary entropy of each token's distribution (controls that need it;
+computed on the driver by :mod:`nemo_entropy.integrations.entropy_probe` unless the batch already has it)."""
 PLAN = f"{PLAN_PREFIX}.*"
 """Every key of the step plan (:func:`nemo_entropy.plan.plan_to_batch`): ``entropy_plan.scores`` (float32 [B, S],
 the exact covariance scores), ``entropy_plan.<control>.<value>`` (per-token [B, S], ``:bool`` suffix for masks, or
 per-step [B]), e.g. ``entropy_plan.kl_cov.selected:bool``."""
 
-__all__ = ["PLAN_PREFIX", "TOKEN_UIDS", "STEP", "PLAN"]
+__all__ = ["PLAN_PREFIX", "TOKEN_UIDS", "STEP", "OLD_ENTROPY", "PLAN"]

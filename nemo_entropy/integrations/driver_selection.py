@@ -9,7 +9,8 @@ it to the batch (:func:`nemo_entropy.plan.plan_to_batch`); it travels with its t
 and micro-batching, and the loss reads it back.
 
 :class:`BatchSelectionPolicy` wraps NeMo-RL's policy so that this happens on every ``policy.train`` call without
-touching NeMo-RL's training loop. Stateful controls (an adaptive coefficient, a PI controller) live here, on the
+touching NeMo-RL's training loop. When a control needs the old policy's per-token entropy, one eval-mode pass of
+NeMo-RL's own training loop computes it first (:mod:`nemo_entropy.integrations.entropy_probe`). Stateful controls (an adaptive coefficient, a PI controller) live here, on the
 driver: their state advances once per optimizer step from the step's plan, and is saved next to NeMo-RL's own
 checkpoint (:data:`STATE_FILE`) and restored on resume.
 """
@@ -27,6 +28,7 @@ from ..controls import ControlSet
 from ..plan import StepInputs, build_step_plan, plan_to_batch
 from ..selection import token_uids_for
 from . import batch_keys
+from .entropy_probe import old_entropy_of
 
 __all__ = ["attach_batch_selection", "BatchSelectionPolicy", "optimizer_step_slices", "STATE_FILE"]
 
@@ -68,6 +70,10 @@ def attach_batch_selection(
     """
     controls = controls if controls is not None else ControlSet(config)
     token_mask, sample_mask = train_data["token_mask"], train_data["sample_mask"]
+    old_entropy = train_data.get(batch_keys.OLD_ENTROPY) if hasattr(train_data, "get") else None
+    if attach_mask and "old_entropy" in controls.needs and old_entropy is None:
+        raise KeyError(f"loss_fn controls {[c.name for c in controls if 'old_entropy' in c.needs]} need the old "
+                       f"policy's entropy: {batch_keys.OLD_ENTROPY!r} is missing from the batch")
     batch, length = token_mask.shape
     device = token_mask.device
     uids = token_uids_for(torch.arange(batch, device=device), length)
@@ -81,7 +87,8 @@ def attach_batch_selection(
             continue
         mask = (token_mask[rows, 1:] * sample_mask[rows].unsqueeze(-1)) != 0
         inputs = StepInputs(train_data["prev_logprobs"][rows, 1:], train_data["advantages"][rows, 1:], mask,
-                            uids[rows, 1:].contiguous())
+                            uids[rows, 1:].contiguous(),
+                            old_entropy=None if old_entropy is None else old_entropy[rows, 1:])
         plan = build_step_plan(config, inputs, step=step, controls=controls)
         controls.update(plan)
         plans.append((rows, plan))
@@ -129,6 +136,10 @@ class BatchSelectionPolicy:
         eval_mode = kwargs.get("eval_mode", args[0] if args else False)
         gbs = kwargs.get("gbs") or (args[1] if len(args) > 1 and args[1] else self._gbs)
         if not eval_mode:  # also for ppo: the plan's scores give exact covariance diagnostics of the baseline
+            if self._mode == "driver" and "old_entropy" in self.controls.needs and batch_keys.OLD_ENTROPY not in data:
+                batch, length = data["token_mask"].shape
+                data[batch_keys.TOKEN_UIDS] = token_uids_for(torch.arange(batch), length)
+                data[batch_keys.OLD_ENTROPY] = old_entropy_of(self._policy, data, train_global_batch_size=int(gbs))
             steps = attach_batch_selection(data, self._config, train_global_batch_size=int(gbs),
                                            first_step=self.optimizer_step, attach_mask=self._mode == "driver",
                                            controls=self.controls)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Optional
 
 import torch
@@ -145,6 +145,92 @@ def _megatron_groups() -> Optional[tuple[Any, int, Any]]:
     return ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank(), cp
 
 
+@dataclass
+class _LossCall:
+    """The arguments of one loss call, from any NeMo-RL calling convention (see the module doc)."""
+
+    data: Any
+    global_valid_seqs: Any
+    global_valid_toks: Any
+    logits: Optional[torch.Tensor] = None
+    logprobs: Optional[torch.Tensor] = None
+    tp_rank: Optional[int] = None
+    tp_group: Any = None
+    cp_group: Any = None
+
+    @classmethod
+    def parse(cls, who: str, args: tuple, kwargs: dict) -> "_LossCall":
+        kwargs = dict(kwargs)
+        logits = kwargs.pop("logits", None)
+        logprobs = kwargs.pop("next_token_logprobs", None)
+        positional = list(args)
+        if positional and isinstance(positional[0], torch.Tensor):
+            logits = positional.pop(0)  # <= v0.5: next_token_logits first
+        for name in ("data", "global_valid_seqs", "global_valid_toks"):
+            if name not in kwargs and positional:
+                kwargs[name] = positional.pop(0)
+        if positional:
+            raise TypeError(f"{who} got {len(positional)} unexpected positional arguments")
+        data = kwargs.pop("data", None)
+        if data is None:
+            raise TypeError(f"{who} needs `data` (NeMo-RL's BatchedDataDict of the micro-batch)")
+        call = cls(data=data, global_valid_seqs=kwargs.pop("global_valid_seqs", None),
+                   global_valid_toks=kwargs.pop("global_valid_toks", None), logits=logits, logprobs=logprobs,
+                   tp_rank=kwargs.pop("vocab_parallel_rank", None), tp_group=kwargs.pop("vocab_parallel_group", None),
+                   cp_group=kwargs.pop("context_parallel_group", None))
+        if kwargs:
+            raise TypeError(f"{who} got unexpected keyword arguments: {sorted(kwargs)}")
+        if logprobs is None and logits is None:
+            raise TypeError(f"{who} needs next_token_logprobs (LOGPROB input) or logits")
+        if logprobs is None and logits.dim() == 2:
+            raise ValueError(f"{who} got 2-D logits (NeMo-RL's fused linear log-probs?): the LOGIT input needs "
+                             "[batch, length, vocab] logits; use nemo_rl.input_type=logprob")
+        return call
+
+
+def logprobs_from_logits(logits, data, tp_rank, tp_group, cp_group, *, find_megatron_groups: bool):
+    """``(next-token log-probs, full-vocabulary entropy or None)`` per token from NeMo-RL's logits, differentiable.
+
+    TP-sharded logits (a DTensor's ``tp`` mesh, Megatron's groups passed or found in ``parallel_state``) go through
+    the vocab-parallel kernel. Context-parallel logits (load-balanced chunks) go to NeMo-RL's own CP-aware helper,
+    which gives the log-probs only: the entropy is None in that layout.
+    """
+    input_ids = data["input_ids"]
+    if _is_dtensor(logits):
+        mesh = logits.device_mesh
+        names = mesh.mesh_dim_names or ()
+        if "cp" in names and mesh["cp"].size() > 1 or data.get("seq_index") is not None:
+            return _delegate_to_nemo_rl(logits, data, None, None, None), None
+        tp = mesh.get_group("tp") if "tp" in names and mesh["tp"].size() > 1 else None
+        local = logits.to_local()
+        vocab_start = (0 if tp is None else tp.rank()) * local.shape[-1]
+        tp_group = tp
+    else:
+        if tp_group is None and cp_group is None and find_megatron_groups:
+            found = _megatron_groups()
+            if found is not None:
+                tp_group, tp_rank, cp_group = found
+        if group_world_size(cp_group) > 1:
+            return _delegate_to_nemo_rl(logits, data, tp_rank, tp_group, cp_group), None
+        local = logits
+        vocab_start = (tp_rank or 0) * local.shape[-1] if tp_group is not None else 0
+    length = input_ids.shape[1]
+    # Logits at position t predict token t + 1; CP/TP padding beyond the sequence is cut off.
+    block = local[:, : length - 1]
+    targets = input_ids[:, 1:].to(block.device)
+    entropy, logprobs = _entropy_and_logprobs(block, targets, tp_group, vocab_start)
+    return logprobs, entropy
+
+
+def _delegate_to_nemo_rl(logits, data, tp_rank, tp_group, cp_group):
+    from nemo_rl.distributed.model_utils import get_next_token_logprobs_from_logits  # type: ignore
+
+    return get_next_token_logprobs_from_logits(
+        input_ids=data["input_ids"], next_token_logits=logits, seq_index=data.get("seq_index", None),
+        vocab_parallel_rank=tp_rank, vocab_parallel_group=tp_group, context_parallel_group=cp_group,
+    )
+
+
 # ----------------------------------------------------------------------------------------------- the loss
 class EntropyControlLossFn:
     """NeMo-RL loss: PPO / Clip-Cov / KL-Cov with every ``ClippedPGLossFn`` key, for NeMo-RL v0.5 and later.
@@ -218,78 +304,15 @@ class EntropyControlLossFn:
     # ------------------------------------------------------------------ call
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         """Loss and metrics of one micro-batch; accepts every NeMo-RL calling convention (see module doc)."""
-        logits = kwargs.pop("logits", None)
-        logprobs = kwargs.pop("next_token_logprobs", None)
-        positional = list(args)
-        if positional and isinstance(positional[0], torch.Tensor):
-            logits = positional.pop(0)  # <= v0.5: next_token_logits first
-        for name in ("data", "global_valid_seqs", "global_valid_toks"):
-            if name not in kwargs and positional:
-                kwargs[name] = positional.pop(0)
-        if positional:
-            raise TypeError(f"EntropyControlLossFn got {len(positional)} unexpected positional arguments")
-        data = kwargs.pop("data", None)
-        if data is None:
-            raise TypeError("EntropyControlLossFn needs `data` (NeMo-RL's BatchedDataDict of the micro-batch)")
-        global_valid_seqs = kwargs.pop("global_valid_seqs", None)
-        global_valid_toks = kwargs.pop("global_valid_toks", None)
-        vocab_parallel_rank = kwargs.pop("vocab_parallel_rank", None)
-        vocab_parallel_group = kwargs.pop("vocab_parallel_group", None)
-        context_parallel_group = kwargs.pop("context_parallel_group", None)
-        if kwargs:
-            raise TypeError(f"EntropyControlLossFn got unexpected keyword arguments: {sorted(kwargs)}")
-        if logprobs is None and logits is None:
-            raise TypeError("EntropyControlLossFn needs next_token_logprobs (LOGPROB input) or logits")
-
-        entropy = None
+        call = _LossCall.parse(type(self).__name__, args, kwargs)
+        entropy, logprobs = None, call.logprobs
         if logprobs is None:
-            if logits.dim() == 2:
-                raise ValueError("EntropyControlLossFn got 2-D logits (NeMo-RL's fused linear log-probs?): the LOGIT "
-                                 "input needs [batch, length, vocab] logits; use nemo_rl.input_type=logprob")
-            logprobs, entropy = self._logprobs_from_logits(
-                logits, data, vocab_parallel_rank, vocab_parallel_group, context_parallel_group
-            )
-        return self._loss(logprobs.float(), entropy, data, global_valid_seqs, global_valid_toks)
-
-    # ------------------------------------------------------------------ logits -> log-probs (+ entropy)
-    def _logprobs_from_logits(self, logits, data, tp_rank, tp_group, cp_group):
-        input_ids = data["input_ids"]
-        if _is_dtensor(logits):
-            mesh = logits.device_mesh
-            names = mesh.mesh_dim_names or ()
-            if "cp" in names and mesh["cp"].size() > 1 or data.get("seq_index") is not None:
-                return self._delegate_to_nemo_rl(logits, data, None, None, None), None
-            tp = mesh.get_group("tp") if "tp" in names and mesh["tp"].size() > 1 else None
-            local = logits.to_local()
-            vocab_start = (0 if tp is None else tp.rank()) * local.shape[-1]
-            tp_group = tp
-        else:
-            if tp_group is None and cp_group is None:
-                found = _megatron_groups() if self.input_type.value == "logit" else None
-                if found is not None:
-                    tp_group, tp_rank, cp_group = found
-            if group_world_size(cp_group) > 1:
-                # Megatron shards the sequence over CP in load-balanced chunks; NeMo-RL's own helper maps
-                # the targets and gathers the log-probs. The entropy metric is skipped in this layout.
-                return self._delegate_to_nemo_rl(logits, data, tp_rank, tp_group, cp_group), None
-            local = logits
-            vocab_start = (tp_rank or 0) * local.shape[-1] if tp_group is not None else 0
-        length = input_ids.shape[1]
-        # Logits at position t predict token t + 1; CP/TP padding beyond the sequence is cut off.
-        block = local[:, : length - 1]
-        targets = input_ids[:, 1:].to(block.device)
-        entropy, logprobs = _entropy_and_logprobs(block, targets, tp_group, vocab_start)
-        keep = self.log_entropy or "entropy" in self.controls.needs
-        return logprobs, (entropy if keep else None)
-
-    @staticmethod
-    def _delegate_to_nemo_rl(logits, data, tp_rank, tp_group, cp_group):
-        from nemo_rl.distributed.model_utils import get_next_token_logprobs_from_logits  # type: ignore
-
-        return get_next_token_logprobs_from_logits(
-            input_ids=data["input_ids"], next_token_logits=logits, seq_index=data.get("seq_index", None),
-            vocab_parallel_rank=tp_rank, vocab_parallel_group=tp_group, context_parallel_group=cp_group,
-        )
+            logprobs, entropy = logprobs_from_logits(
+                call.logits, call.data, call.tp_rank, call.tp_group, call.cp_group,
+                find_megatron_groups=self.input_type.value == "logit")
+            if not (self.log_entropy or "entropy" in self.controls.needs):
+                entropy = None
+        return self._loss(logprobs.float(), entropy, call.data, call.global_valid_seqs, call.global_valid_toks)
 
     # ------------------------------------------------------------------ the loss proper
     def _loss(self, curr, entropy, data, global_valid_seqs, global_valid_toks):
