@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "compare": ("nemo_entropy.engine.compare", "main", "run GRPO, Clip-Cov and KL-Cov locally and plot them"),
     "demo": ("nemo_entropy.demo", "main", "the losses on a synthetic batch: selected fraction, entropy proxy, loss"),
     "build-kernels": ("nemo_entropy.entropy.build", "main", "build the CPU (and, with CUDA, GPU) kernels"),
+    "check-kernels": ("nemo_entropy.entropy.check", "main", "which entropy backend 'auto' uses here; check it against float64"),
 }
 
 

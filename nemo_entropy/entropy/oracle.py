@@ -1,10 +1,12 @@
-"""Float64 oracle and tolerances shared by the entropy tests (test helpers, not part of the package).
+"""Float64 oracle and the stated tolerances of the entropy kernels: used by the tests (tests/, tests/gpu/)
+and by ``nemo-entropy check-kernels`` on an installed package, so both hold the kernels to the same bar.
 
 The oracle is independent of the code under test: plain ``torch.log_softmax`` in float64 on the *same*
 (already rounded) input values, over the valid (unpadded, finite) columns only, and autograd for the
 gradients. Comparing low-precision inputs against float64 math on the rounded values keeps the
 tolerances tight: the only error left is the kernels' fp32 arithmetic (and the final rounding of the
-gradient to the input dtype).
+gradient to the input dtype). It runs on the device of its inputs; pass CPU tensors for GPU results
+(float64 is slow on most GPUs).
 """
 
 from __future__ import annotations
@@ -44,10 +46,11 @@ def oracle(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, g_entro
     logprob = logp_all.gather(1, targets.reshape(-1, 1).long()).squeeze(1)
     grad = None
     if g_entropy is not None or g_logprob is not None:
-        ge = torch.zeros(rows, dtype=torch.float64) if g_entropy is None else g_entropy.double()
-        gl = torch.zeros(rows, dtype=torch.float64) if g_logprob is None else g_logprob.double()
+        zeros = torch.zeros(rows, dtype=torch.float64, device=z.device)
+        ge = zeros if g_entropy is None else g_entropy.double()
+        gl = zeros if g_logprob is None else g_logprob.double()
         (gz,) = torch.autograd.grad((entropy * ge + logprob * gl).sum(), z)
-        grad = torch.zeros(rows, width, dtype=torch.float64)
+        grad = torch.zeros(rows, width, dtype=torch.float64, device=z.device)
         grad[:, :vocab_size] = torch.where(finite, gz, torch.zeros_like(gz))
     return entropy.detach(), logprob.detach(), grad
 
