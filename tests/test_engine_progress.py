@@ -124,8 +124,9 @@ def test_disabled_and_resumed():
     assert _lines(out)[-1].startswith("[nemo-entropy] GRPO [ppo]: 10/10 steps (100%)")
 
 
-def test_engine_run_writes_a_few_plain_lines_to_a_log(tmp_path, capfd):
+def test_engine_run_writes_a_few_plain_lines_to_a_log(tmp_path, capfd, monkeypatch):
     """A run whose output is not a terminal (this capture, Slurm, CI) prints bounded lines, no redraws."""
+    monkeypatch.setenv(progress_mod.SECONDS_ENV, "1e9")  # count lines by steps only, however loaded the machine
     cfg = compose_config("local_kl_cov", [
         f"logger.log_dir={tmp_path / 'run'}", f"engine.warm_start.cache_dir={tmp_path / 'warm'}",
         "grpo.max_num_steps=20", "grpo.num_prompts_per_step=4", "grpo.num_generations_per_prompt=4",
