@@ -12,7 +12,7 @@ STAMP   := $(VENV)/.installed
 
 .PHONY: setup run test kernels bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py Makefile
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -m pip install --quiet $(PIP_PINS) -e '.[dev,megatron]'

@@ -20,10 +20,19 @@ the size of the shard); the script re-executes itself with MALLOC_MMAP_THRESHOLD
 tensors leave the resident set. Reported in MiB and as a fraction of the bf16 shard's size. Ratios are against
 the naive path (time) and as multiples of the shard (memory).
 
-With ``--device cuda`` (a GPU machine with a CUDA torch; NOT run on the development machines, which
-have no GPU) the same table is produced for the CUDA extension and the Triton kernel, timed with
-``torch.cuda.synchronize`` and with peak extra memory from ``torch.cuda.max_memory_allocated``; compare
-the times with the roofline in docs/kernels.md.
+With ``--device cuda`` (a GPU machine with a CUDA torch; ``benchmarks/gpu_check.sh`` runs it; never run
+on the development machines, which have no GPU) the same table is produced for the CUDA extension and the
+Triton kernel, timed with ``torch.cuda.synchronize`` (times in ms) and with peak extra memory from
+``torch.cuda.max_memory_allocated``, plus two columns against the memory roofline of docs/kernels.md:
+
+* GB/s: the bytes the fused computation must move (bf16: ``2V + 24`` per token forward, ``6V + 52``
+  forward+backward; fp32 logits double the ``V`` terms) divided by the time; the same numerator for every
+  method, so it is an effective bandwidth (a method that moves more bytes scores lower);
+* % of peak: that over the GPU's peak memory bandwidth, from NVML (memory clock x bus width) when pynvml is
+  installed, else a table of published specifications, else ``--peak-gbps``. The header also reports what a
+  plain device-to-device copy reaches, the practical ceiling.
+
+``--peak-gbps`` also adds these columns on CPU (``gpu_check.sh --dry-run`` uses that to exercise them).
 """
 
 from __future__ import annotations
@@ -59,6 +68,64 @@ def _reset_peak() -> int:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current VmRSS (Linux >= 4.0)
     return _status_kib("VmRSS")
+
+
+# Published peak memory bandwidth (GB/s) by device-name fragment, for when NVML cannot be asked. The first
+# matching fragment wins, so more specific names come first.
+PEAK_GBPS_BY_NAME = (
+    ("H100 NVL", 3900), ("H100 PCIe", 2000), ("H100", 3350), ("GH200", 4000), ("H200", 4800), ("H20", 4000),
+    ("B200", 8000), ("GB200", 8000), ("A100-SXM4-80GB", 2039), ("A100 80GB PCIe", 1935), ("A100", 1555),
+    ("L40S", 864), ("L40", 864), ("L4", 300), ("A10G", 600), ("A10", 600), ("RTX 4090", 1008), ("V100", 900),
+)
+
+
+def peak_bandwidth_gbps(device: torch.device, override: float = None):
+    """(peak GB/s, where it came from) of the device's memory, or (None, reason)."""
+    if override:
+        return float(override), "--peak-gbps"
+    if device.type != "cuda":
+        return None, "not a GPU (pass --peak-gbps)"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        clock_mhz = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM)
+        bus_bits = pynvml.nvmlDeviceGetMemoryBusWidth(handle)
+        if clock_mhz and bus_bits:
+            # Double data rate: two transfers per memory clock (HBM2e/HBM3 and GDDR6 as NVML reports them).
+            return 2 * clock_mhz * 1e6 * bus_bits / 8 / 1e9, f"NVML: {clock_mhz} MHz x {bus_bits} bit"
+    except Exception:  # pynvml missing or the query unsupported: fall back to the table
+        pass
+    name = torch.cuda.get_device_name(index)
+    for fragment, gbps in PEAK_GBPS_BY_NAME:
+        if fragment in name:
+            return float(gbps), f"published spec of {fragment}"
+    return None, f"unknown GPU {name!r} (pass --peak-gbps)"
+
+
+def copy_bandwidth_gbps(device: torch.device) -> float:
+    """GB/s of a device-to-device copy of 1 GiB (read + write), best of 5: the practical ceiling."""
+    src = torch.empty(1 << 28, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(6):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    del src, dst
+    return 2 * (1 << 30) / best / 1e9
+
+
+def roofline_bytes(rows: int, width: int, element_size: int, mode: str) -> int:
+    """Bytes the fused computation must move (docs/kernels.md): read the logits once per pass, write the
+    gradient once, plus the O(1)-per-token targets, statistics and incoming gradients."""
+    if mode == "fwd":
+        return rows * (element_size * width + 24)
+    return rows * (3 * element_size * width + 52)
 
 
 def naive(logits, targets):
@@ -105,7 +172,16 @@ def _ours(backend):
 
 
 def measure(fn, logits, targets, mode, repeat):
-    """(best seconds, peak extra bytes) of one method."""
+    """(best seconds, peak extra bytes) of one method; ``(None, None)`` if it runs out of GPU memory."""
+    try:
+        return _measure(fn, logits, targets, mode, repeat)
+    except torch.cuda.OutOfMemoryError:
+        gc.collect()
+        torch.cuda.empty_cache()
+        return None, None
+
+
+def _measure(fn, logits, targets, mode, repeat):
     best, peak = float("inf"), 0
     cuda = logits.device.type == "cuda"
     for i in range(repeat + 1):
@@ -150,9 +226,14 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-megatron", action="store_true")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--peak-gbps", type=float, default=None,
+                        help="peak memory bandwidth for the GB/s and %% of peak columns (default on CUDA: NVML, "
+                        "else published specs; on CPU the columns appear only with this option)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    peak_gbps, peak_source = peak_bandwidth_gbps(device, args.peak_gbps)
+    roofline = device.type == "cuda" or args.peak_gbps is not None
 
     methods = [("naive", naive)]
     if not args.skip_megatron:
@@ -172,27 +253,44 @@ def main(argv=None) -> int:
         print("# CPU extension not built (nemo-entropy build-kernels): ours/cpu skipped")
     methods.append(("ours/reference", _ours("reference")))
 
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} thread(s)"
+    cuda = device.type == "cuda"
+    where = torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} thread(s)"
     print(f"# bf16 logits, N = {args.rows} rows, {where}, torch {torch.__version__}, best of {args.repeat}")
     print("# time ratio = naive time / method time (higher is faster); memory = peak extra / bf16 shard size")
-    header = f"| V_local | mode | method | time (s) | speed-up vs naive | peak extra (MiB) | extra / shard |"
-    print(header)
-    print("|" + "---|" * 7)
+    if roofline:
+        print(f"# GB/s = roofline bytes (bf16: 2V+24 per token fwd, 6V+52 fwd+bwd; docs/kernels.md) / time; "
+              f"peak memory bandwidth: " + (f"{peak_gbps:.0f} GB/s ({peak_source})" if peak_gbps else peak_source))
+        if cuda:
+            copy = copy_bandwidth_gbps(device)
+            share = f" = {copy / peak_gbps:.0%} of peak" if peak_gbps else ""
+            print(f"# a device-to-device copy reaches {copy:.0f} GB/s here{share} (the practical ceiling)")
+    columns = ["V_local", "mode", "method", "time (ms)" if cuda else "time (s)", "speed-up vs naive"]
+    columns += ["GB/s", "% of peak"] if roofline else []
+    columns += ["peak extra (MiB)", "extra / shard"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for width in args.widths:
-        gen = torch.Generator().manual_seed(width)
-        logits = (torch.randn(args.rows, width, generator=gen) * 2).to(device=device, dtype=torch.bfloat16)
-        targets = torch.randint(0, width, (args.rows,), generator=gen).to(device)
+        # Generated where it is used: 4096 x 152064 random numbers take seconds on a CPU.
+        gen = torch.Generator(device=device).manual_seed(width)
+        logits = (torch.randn(args.rows, width, generator=gen, device=device) * 2).to(torch.bfloat16)
+        targets = torch.randint(0, width, (args.rows,), generator=gen, device=device)
         shard_bytes = logits.numel() * logits.element_size()
         for mode in ("fwd", "fwd+bwd"):
             naive_time = None
             for name, fn in methods:
                 seconds, extra = measure(fn, logits, targets, mode, args.repeat)
                 naive_time = seconds if name == "naive" else naive_time
-                print(
-                    f"| {width} | {mode} | {name} | {seconds:.3f} | {naive_time / seconds:.2f}x | "
-                    f"{extra / MiB:.0f} | {extra / shard_bytes:.1%} |",
-                    flush=True,
-                )
+                if seconds is None:
+                    cells = ["out of memory", "-"] + (["-", "-"] if roofline else []) + ["-", "-"]
+                else:
+                    cells = [f"{seconds * 1e3:.3f}" if cuda else f"{seconds:.3f}",
+                             f"{naive_time / seconds:.2f}x" if naive_time else "-"]
+                    if roofline:
+                        gbps = roofline_bytes(args.rows, width, logits.element_size(), mode) / seconds / 1e9
+                        cells += [f"{gbps:.0f}" if gbps >= 10 else f"{gbps:.2f}",
+                                  f"{gbps / peak_gbps:.1%}" if peak_gbps else "-"]
+                    cells += [f"{extra / MiB:.0f}", f"{extra / shard_bytes:.1%}"]
+                print(f"| {width} | {mode} | {name} | " + " | ".join(cells) + " |", flush=True)
         del logits
     print(f"# shard sizes (bf16): " + ", ".join(f"{w}: {args.rows * w * 2 / MiB:.0f} MiB" for w in args.widths))
     return 0

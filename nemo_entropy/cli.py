@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "law": ("nemo_entropy.law.cli", "main", "fit the entropy-performance law R = -a exp(H) + b to runs; diagnostics"),
     "check-nemo-rl": ("nemo_entropy.integrations.preflight", "main",
                       "check that the installed NeMo-RL fits the run entry and the loss adapter (seconds, no GPU)"),
+    "check-kernels": ("nemo_entropy.entropy.check", "main", "which entropy backend 'auto' uses here; check it against float64"),
 }
 
 

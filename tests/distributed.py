@@ -32,14 +32,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank, world_size, port, jobs, queue):
+def _worker(rank, world_size, port, jobs, queue, backend="gloo"):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     results, error = [], None
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+        if backend == "nccl":  # one GPU per rank (the GPU tests, tests/gpu)
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
         for fn, args in jobs:
             results.append(fn(rank, world_size, *args))
             dist.barrier()
@@ -63,15 +65,20 @@ def _worker(rank, world_size, port, jobs, queue):
     queue.put((rank, buffer.getvalue(), error))
 
 
-def run_distributed_many(world_size: int, jobs: Sequence[tuple[Callable, tuple]]) -> list[list[Any]]:
-    """Run ``jobs`` in order inside one group of ``world_size`` gloo processes.
+def run_distributed_many(
+    world_size: int, jobs: Sequence[tuple[Callable, tuple]], backend: str = "gloo"
+) -> list[list[Any]]:
+    """Run ``jobs`` in order inside one group of ``world_size`` processes (gloo on CPU; ``backend="nccl"``
+    puts rank r on GPU r). Results must be picklable CPU objects.
 
     Returns ``results[job_index][rank]``. Raises with every failing rank's traceback.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, list(jobs), queue)) for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, list(jobs), queue, backend)) for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     by_rank, errors = {}, []

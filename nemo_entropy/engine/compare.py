@@ -89,6 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .launch import run_local
     from .metrics import read_metrics
     from .plot import plot_comparison
+    from .progress import Progress
 
     out = os.path.abspath(args.out)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -100,6 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs: dict[str, str] = {}
     results: dict[str, Any] = {}
     started = time.perf_counter()
+    progress = Progress(len(names), "compare", unit="run", every_steps=1)
     for name in names:
         log_dir = os.path.join(out, name)
         try:
@@ -111,6 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result = run_local(cfg)
         runs[name] = result["metrics_path"]
         results[name] = {"seconds": round(result["seconds"], 1), "metrics_path": result["metrics_path"]}
+        progress.update(1, last=name)
+    progress.close()
     summaries = {name: summarise(read_metrics(path)) for name, path in runs.items()}
     png = plot_comparison(runs, os.path.join(out, "compare.png"),
                           title="local engine: " + " vs ".join(names) + " (same seed, same warm start)")

@@ -36,6 +36,7 @@ from .metrics import MetricsLog, entropy_summary, write_run_info
 from .model import TinyPolicy
 from .preemption import PreemptionWatcher
 from .processes import all_gather_objects, barrier, group_all_reduce, world_group, world_rank_and_size
+from .progress import Progress
 from .rollout import Rollout, collect_rollout, greedy_accuracy
 from .settings import EngineSettings
 from .task import build_task, stream_seed
@@ -336,12 +337,8 @@ class GRPOTrainer:
         self.write_run_info()
         log = MetricsLog(self.s.log_dir, enabled=self.is_logger, tensorboard=self.s.tensorboard,
                          resume_step=self.resumed_from)
-        bar = None
-        if self.is_logger and self.s.progress_bar:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.s.max_num_steps, initial=self.step, desc=f"GRPO [{self.loss_cfg.method}]",
-                       unit="step", dynamic_ncols=True)
+        bar = Progress(self.s.max_num_steps, f"GRPO [{self.loss_cfg.method}]", initial=self.step,
+                       enabled=self.is_logger and self.s.progress_bar)
         last: dict[str, Any] = {}
         last_val: Optional[float] = None
         try:
@@ -372,11 +369,8 @@ class GRPOTrainer:
                     if self.s.checkpointing and (step % self.s.save_period == 0 or step == self.s.max_num_steps):
                         self.save()
                         saved = True
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}",
-                                        val=f"{last_val:.3f}" if last_val is not None else "-",
-                                        H=f"{metrics['entropy_mean']:.3f}", refresh=False)
+                    bar.update(1, H=metrics["entropy_mean"], reward=metrics["reward_mean"],
+                               val=last_val if last_val is not None else "-")
                     if self.after_step is not None:
                         self.after_step(step)
                     if watcher.requested(self.layout.world_group):
@@ -390,8 +384,7 @@ class GRPOTrainer:
                                   flush=True)
                         raise Preempted(step)
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
             log.close()
         plot_path = None
         if self.is_logger and self.s.plot:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from .model import TinyPolicy
+from .progress import Progress
 from .task import AdditionTask, response_mask, stream_seed
 
 
@@ -79,17 +80,10 @@ def load_or_run_warm_start(
         return blob
     policy = build_full_policy()
     steps = int(warm_cfg.get("steps", 300))
-    bar = None
-    if show_progress and steps > 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="warm start", unit="step", leave=False, dynamic_ncols=True)
+    bar = Progress(steps, "warm start", leave=False, enabled=show_progress and steps > 0)
 
     def _progress(step: int, loss: float) -> None:
-        if bar is not None:
-            bar.update(1)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss:.3f}")
+        bar.update(1, loss=loss)
 
     start = time.perf_counter()
     losses = supervised_warm_start(
@@ -101,8 +95,7 @@ def load_or_run_warm_start(
         seed=seed,
         progress=_progress,
     )
-    if bar is not None:
-        bar.close()
+    bar.close()
     blob = {"state": policy.full_state_dict(), "losses": losses, "seconds": time.perf_counter() - start}
     os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
     tmp = f"{cache_path}.tmp.{os.getpid()}"

@@ -9,6 +9,10 @@ On first use on a device, a compiled backend checks itself against the reference
 input (including padding, masked logits and out-of-shard targets); on a mismatch it is dropped with a
 warning and the reference is used instead. Explicitly named backends are built or loaded on demand
 and raise if they cannot exist here.
+
+When ``auto`` settles for less than a compiled extension that *could* be built here (sources and a
+compiler present, just not built), it says so once per process (on the first local rank), with the exact
+command that builds it: a silent 5x slowdown is the failure this guards against.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -33,6 +37,8 @@ SELF_CHECK_ATOL = 1e-5
 _REFERENCE = ReferenceBackend()
 _resolved: Dict[Tuple[str, str], object] = {}
 _self_checked: Dict[Tuple[str, str], bool] = {}
+# Device types ("cpu", "cuda") whose build advice was given; once per process, not reset with the cache.
+_advised: set = set()
 
 
 def _device_key(device: torch.device) -> str:
@@ -142,18 +148,48 @@ def resolve_backend(name: str, device: torch.device):
                 impl = _checked(made, device)
                 if impl is not _REFERENCE:
                     break
-        if impl is _REFERENCE and device.type == "cpu":
-            reason = "the CPU extension is not built (run: nemo-entropy build-kernels)"
-        elif impl is _REFERENCE:
-            reason = "no compiled backend available"
+        if impl.name in ("cpu", "cuda"):
+            origin = build.extension_origin(build.CPU_MODULE if impl.name == "cpu" else build.CUDA_MODULE)
+            reason = "compiled backend, self-check passed" + (f"; {origin[0]}: {origin[1]}" if origin else "")
         else:
-            reason = "compiled backend, self-check passed"
+            reason = _advise_build(device, impl.name) or "no compiled backend available"
         logger.info("nemo_entropy: entropy backend for %s: %s (%s)", key[1], impl.name, reason)
     else:
         made = _make(name, device, explicit=True)
         impl = _checked(made, device)
     _resolved[key] = impl
     return impl
+
+
+def _advise_build(device: torch.device, used: str) -> Optional[str]:
+    """Why ``auto`` did not get the compiled extension for ``device``; warns once if it could be built.
+
+    ``used`` is the backend ``auto`` settled for. Returns the reason for the backend log line, or ``None``
+    when no extension applies to the device.
+    """
+    if device.type == "cpu":
+        module, unavailable = build.CPU_MODULE, build.cpu_build_unavailable_reason
+        loaded = build.load_cpu_extension(build_if_missing=False)
+    elif device.type == "cuda":
+        module, unavailable = build.CUDA_MODULE, build.cuda_build_unavailable_reason
+        loaded = build.load_cuda_extension(build_if_missing=False)
+    else:
+        return None
+    if loaded is not None:
+        return f"{module} failed its self-check"
+    reason = unavailable()
+    if reason is not None:
+        return f"{module} cannot be built here: {reason}"
+    command = build.build_command()
+    if device.type not in _advised and os.environ.get("LOCAL_RANK", "0") in ("", "0"):
+        _advised.add(device.type)
+        slower = " (10-20x slower for forward + backward, docs/kernels.md)" if used == "reference" and device.type == "cpu" else ""
+        logger.warning(
+            "nemo_entropy: the compiled %s entropy kernel is not built, so %s tensors use the %s backend%s. "
+            "Build it once (about a minute) with:\n    %s\nor set %s=1 to build it on first use.",
+            device.type.upper(), device.type.upper(), used, slower, command, build.BUILD_ENV,
+        )
+    return f"{module} not built (build it with: {command})"
 
 
 def reset_backend_cache() -> None:
