@@ -59,6 +59,11 @@ class LossConfig:
     c = (l - mean l)(p A - mean(p A)), p = exp(l) (Theorem 1)."""
     seed: int = 0
     """Seed of the controls' counter-based hash keys (Clip-Cov's random subset, with the step and token uid)."""
+    covariance_diagnostics: bool = True
+    """Log the paper's diagnostics of every optimizer step, exact over the step: covariance concentration (the
+    share of the total covariance held by the top 0.02% / 0.2% / 2% of tokens, their mean against the overall
+    mean) and the Theorem-1 prediction of the entropy change (``entropy_change_predicted`` = -Cov(log pi, pi A),
+    per unit step size). Costs one more all-gather per step in the plan (of 2% of the tokens)."""
 
     # ---- NeMo-RL ClippedPGLossFn keys (same meaning and default as NeMo-RL) --------------------
     ratio_clip_min: float = 0.2

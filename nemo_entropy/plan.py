@@ -9,7 +9,9 @@ same order on every rank:
    ``sum l`` and ``sum A`` (or ``sum p A``) for the covariance means, ``sum H`` when a control needs the step's
    mean entropy, and the count of ranks whose inputs are bad (so every rank raises together after it);
 2. one all-gather per exact top-k a control asks for (:meth:`StepContext.top_k`), in registry order:
-   KL-Cov's top covariance, Clip-Cov's random subset, a top-entropy quantile, ...
+   KL-Cov's top covariance, Clip-Cov's random subset, a top-entropy quantile, ...;
+3. with ``covariance_diagnostics``, one all-gather of the top 2% of covariance scores for the concentration
+   diagnostics (:func:`covariance_diagnostics`).
 
 The result, a :class:`StepPlan`, holds the global counts, the exact covariance scores and each control's values
 (per-token tensors shaped like the step's mask, and scalars). The micro-batch loss takes ``plan.rows(...)`` and
@@ -31,9 +33,15 @@ from .selection import (
     covariance_inputs,
     distributed_top_k,
     exact_group_sums,
+    merged_top_k,
     scores_from_means,
+    selection_quota,
     validate_token_inputs,
 )
+
+DIAGNOSTICS = "diagnostics"
+"""The plan values' name for the step's diagnostics (not a control name)."""
+CONCENTRATION_FRACTIONS = (0.0002, 0.002, 0.02)
 
 if TYPE_CHECKING:
     from .config import LossConfig
@@ -143,6 +151,55 @@ class StepPlan:
         return torch.zeros(self.scores.shape, dtype=torch.bool, device=self.scores.device)
 
 
+def _diagnostic_inputs(inputs: StepInputs, x: torch.Tensor, ok: bool, empty: torch.Tensor):
+    """The extra exact sums of the diagnostics: ``sum l X`` (the total covariance) and, for Theorem 1's form,
+    ``sum p A`` and ``sum l p A``."""
+    if not ok:
+        return [("logprobs x covariance input", empty), ("exp(logprobs) x advantages", empty),
+                ("logprobs x exp(logprobs) x advantages", empty)]
+    l = inputs.old_logprobs.detach().float()
+    pa = torch.exp(l) * inputs.advantages.detach().float()
+    return [("logprobs x covariance input", l * x.detach().float()), ("exp(logprobs) x advantages", pa),
+            ("logprobs x exp(logprobs) x advantages", l * pa)]
+
+
+def covariance_diagnostics(scores, uids, mask, n_tokens, mean_l, mean_x, sums, groups) -> dict[str, float]:
+    """The paper's diagnostics of one step, exact over the token group (from the plan's sums and one all-gather).
+
+    * ``cov_top_<p>pct_share`` / ``_mean``: the share of the step's total covariance ``sum c_i`` held by the top
+      ``max(1, floor(f N))`` tokens by score (f = 0.02%, 0.2%, 2%; 0 when the total is 0), and their mean;
+      ``cov_overall_mean`` the mean of all scores (the paper: 5.654 against 0.003 for the top 0.02%).
+    * ``entropy_change_predicted``: Theorem 1's ``-Cov(log pi, pi A)`` over the step's tokens, the predicted
+      entropy change per unit step size (its sign and correlation with the observed change are what the paper
+      reads; ``nemo-entropy law diagnose`` reports the correlation over a run).
+    """
+    if n_tokens == 0:  # agreed by every rank: nobody enters the all-gather
+        return {}
+    sum_lx, sum_pa, sum_lpa = (float(t) for t in sums)
+    n = float(n_tokens)
+    total = sum_lx - n * float(mean_l) * float(mean_x)
+    k_max = selection_quota(max(CONCENTRATION_FRACTIONS), n_tokens)
+    top, _ = merged_top_k(scores, uids, mask, k_max, groups)
+    running = torch.cumsum(top[torch.isfinite(top)], 0)
+    out = {"cov_overall_mean": total / n}
+    for fraction in CONCENTRATION_FRACTIONS:
+        k = min(selection_quota(fraction, n_tokens), int(running.numel()))
+        top_sum = float(running[k - 1])
+        tag = f"{fraction * 100:g}pct"
+        out[f"cov_top_{tag}_share"] = top_sum / total if total != 0.0 else 0.0
+        out[f"cov_top_{tag}_mean"] = top_sum / k
+    out["entropy_change_predicted"] = -(sum_lpa / n - float(mean_l) * sum_pa / n)
+    return out
+
+
+def diagnostic_metric_names() -> list[str]:
+    """The metric names :func:`covariance_diagnostics` produces (token shares in the loss's metrics)."""
+    names = ["cov_overall_mean", "entropy_change_predicted"]
+    for fraction in CONCENTRATION_FRACTIONS:
+        names += [f"cov_top_{fraction * 100:g}pct_share", f"cov_top_{fraction * 100:g}pct_mean"]
+    return names
+
+
 def _reference_scores(logprobs, advantages, mask, form) -> torch.Tensor:
     """``scope: microbatch``: the reference's scores, with plain float means over one call's valid tokens (its
     arithmetic, so its per-call selection is reproduced exactly, near-ties included)."""
@@ -197,6 +254,9 @@ def build_step_plan(
         [("logprobs", empty), ("advantages", empty)]
     if "old_entropy" in needs:
         values.append(("old_entropy", inputs.old_entropy if ok else empty))
+    diagnose = config.covariance_diagnostics and clip_active is None
+    if diagnose:
+        values += _diagnostic_inputs(inputs, values[1][1], ok, empty)
     (n_tokens, n_seqs), sums = exact_group_sums(counts, values, mask, groups, local_error=local_error)
     denom = float(max(n_tokens, 1))
     mean_l, mean_x = sums[0] / denom, sums[1] / denom
@@ -216,6 +276,9 @@ def build_step_plan(
     ctx = StepContext(config, local, mask, step=step, groups=groups, num_valid_tokens=n_tokens,
                       num_valid_seqs=n_seqs, scores=scores, entropy_mean=entropy_mean, clip_active=clip_active)
     plan_values = {control.name: control.plan(ctx) for control in controls}
+    if diagnose:
+        plan_values[DIAGNOSTICS] = covariance_diagnostics(scores, uids, mask, n_tokens, mean_l, mean_x, sums[-3:],
+                                                          groups)
     return StepPlan(step=step, global_valid_tokens=float(n_tokens), global_valid_seqs=float(n_seqs), scores=scores,
                     values=plan_values)
 

@@ -40,6 +40,7 @@ __all__ = [
     "select_top_covariance",
     "select_clip_cov",
     "distributed_top_k",
+    "merged_top_k",
     "exact_group_sums",
     "scores_from_means",
     "selection_quota",
@@ -335,14 +336,12 @@ def _local_offer(priority: torch.Tensor, uids: torch.Tensor, eligible: torch.Ten
     return top_p, top_u
 
 
-def distributed_top_k(
+def merged_top_k(
     priority: torch.Tensor, uids: torch.Tensor, eligible: torch.Tensor, k: int, groups: GroupsLike = None
-) -> tuple[torch.Tensor, int]:
-    """The ``k`` eligible tokens of the whole token group ranked first by (priority desc, uid asc), and how many
-    were chosen over the group (``k``, or fewer when fewer are eligible): ``(mask, count)``.
-
-    ``k`` must be the same on every rank. One all-gather of ``k`` (priority, uid) pairs per rank.
-    """
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``k`` eligible entries of the whole token group under (priority desc, uid asc), on every rank:
+    ``(priorities as float64, uids)``, padded with ``(-inf, INT64_MAX)`` when fewer are eligible. One all-gather
+    of ``k`` (priority, uid) pairs per rank; ``k`` must be the same on every rank."""
     g = as_groups(groups)
     top_p, top_u = _local_offer(priority, uids, eligible, k)
     if g.token_world_size > 1:
@@ -351,6 +350,18 @@ def distributed_top_k(
         gathered = g.token_all_gather(packed)
         top_p, top_u = _lexicographic_top(gathered[:, 0, :].reshape(-1).view(torch.float64),
                                           gathered[:, 1, :].reshape(-1), k)
+    return top_p, top_u
+
+
+def distributed_top_k(
+    priority: torch.Tensor, uids: torch.Tensor, eligible: torch.Tensor, k: int, groups: GroupsLike = None
+) -> tuple[torch.Tensor, int]:
+    """The ``k`` eligible tokens of the whole token group ranked first by (priority desc, uid asc), and how many
+    were chosen over the group (``k``, or fewer when fewer are eligible): ``(mask, count)``.
+
+    ``k`` must be the same on every rank. One all-gather of ``k`` (priority, uid) pairs per rank.
+    """
+    top_p, top_u = merged_top_k(priority, uids, eligible, k, groups)
     chosen = int((top_p > float("-inf")).sum())  # padding entries are -inf
     # Priorities came from this dtype exactly, so comparing in it is exact.
     threshold_p, threshold_u = top_p[k - 1].to(priority.dtype), top_u[k - 1]

@@ -72,7 +72,7 @@ def _count_collectives(rank, world_size, cfg_dict):
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
-    return planning, in_loss, plan.selected
+    return planning, in_loss, plan.selected, dict(plan.values["diagnostics"])
 
 
 def _nan_in_covariance_scores(rank, world_size):
@@ -127,12 +127,14 @@ def test_distributed_plan_properties():
     cur, old, adv, mask, uids = _batch(seed=3, batch=8)
     for job, cfg in zip(results[:3], (KL_COV, CLIP_COV, {"method": "ppo"})):
         selection = cfg["method"] != "ppo"
-        for planning, in_loss, _ in job:
+        for planning, in_loss, _, _ in job:
             assert in_loss == 0, f"{cfg}: the micro-batch loss issued {in_loss} collectives"
-            assert planning == 1 + int(selection), f"{cfg}: one all-reduce plus one all-gather per top-k"
-        # and the 2-rank plan selects what one process selects
-        whole = select_tokens(loss_config(cfg), old, adv, mask, token_uids=uids, step=2)
-        assert torch.equal(torch.cat([job[0][2], job[1][2]]), whole)
+            # one all-reduce, one all-gather per top-k, one all-gather for the covariance diagnostics
+            assert planning == 2 + int(selection), f"{cfg}: {planning} collectives to plan the step"
+        # and the 2-rank plan selects what one process selects, with the same diagnostics, bit for bit
+        whole = build_step_plan(loss_config(cfg), StepInputs(old, adv, mask, uids), step=2)
+        assert torch.equal(torch.cat([job[0][2], job[1][2]]), whole.selected)
+        assert job[0][3] == job[1][3] == whole.values["diagnostics"]
     for message in results[3]:
         assert message is not None and "NaN or inf" in message and "rank(s) [1]" in message
     (count0, uids0), (count1, uids1) = results[4]
@@ -140,6 +142,36 @@ def test_distributed_plan_properties():
     assert not set(uids0.reshape(-1).tolist()) & set(uids1.reshape(-1).tolist())
     assert "selected must be a bool tensor of shape (4, 24)" in results[5][0]
     assert "rank(s) [0] rejected their inputs" in results[5][1]
+
+
+# ----------------------------------------------------------------------------------------------- diagnostics
+def test_covariance_diagnostics_match_float64_and_a_brute_force_sort():
+    from nemo_entropy.law import covariance_concentration_metrics
+
+    gen = torch.Generator().manual_seed(9)
+    old = -torch.empty(16, 300).exponential_(1 / 0.3, generator=gen)  # heavy-tailed log-probs
+    adv = torch.randn(16, 1, generator=gen).expand(16, 300).contiguous()
+    mask = torch.rand(16, 300, generator=gen) > 0.25
+    plan = build_step_plan(loss_config({"method": "ppo"}), StepInputs(old, adv, mask), step=0)
+    diag = plan.values["diagnostics"]
+    brute = covariance_concentration_metrics(plan.scores[mask].double())
+    for key, value in brute.items():
+        assert diag[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    l, a = old[mask].double(), adv[mask].double()
+    cov_natural = ((l - l.mean()) * (a - a.mean())).mean()
+    pa = l.exp() * a
+    assert diag["cov_overall_mean"] == pytest.approx(float(cov_natural), rel=1e-5, abs=1e-9)
+    assert diag["entropy_change_predicted"] == pytest.approx(-float(((l - l.mean()) * (pa - pa.mean())).mean()),
+                                                             rel=1e-5, abs=1e-9)
+    # In the loss's metrics they are token shares: micro-batches sum to the step's value.
+    cur = old.clone().requires_grad_(True)
+    summed = {}
+    for rows in (slice(0, 5), slice(5, 16)):
+        _, metrics = policy_loss(loss_config({"method": "ppo"}), cur[rows], old[rows], adv[rows], mask[rows],
+                                 plan=plan.rows(rows))
+        for key in diag:
+            summed[key] = summed.get(key, 0.0) + metrics[key]
+    assert summed == pytest.approx(diag, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- large groups

@@ -46,7 +46,7 @@ from ..entropy import vocab_parallel_entropy_and_logprobs
 from ..losses import diagnostics, nemo_rl_terms, policy_loss
 from ..losses.normalization import zero_masked
 from ..parallel import ParallelGroups, group_world_size
-from ..plan import plan_from_batch
+from ..plan import diagnostic_metric_names, plan_from_batch
 from . import batch_keys
 
 __all__ = ["EntropyControlLossFn", "nemo_rl_enums", "loss_config_from_nemo_rl"]
@@ -297,6 +297,7 @@ class EntropyControlLossFn:
             "cov_selected_mean": "none",
             **diagnostics.metric_normalizations(self.config),
         }
+        names.update({name: "tokens" for name in diagnostic_metric_names()})
         for control in self.controls:
             names.update(control.metric_normalizations())
         self.metric_normalizations = {k: by_name[v] for k, v in names.items()}

@@ -23,7 +23,7 @@ import torch
 from ..config import LossConfig, loss_config
 from ..controls import ControlSet, TokenBatch
 from ..parallel import GroupsLike, as_groups
-from ..plan import StepInputs, StepPlan, build_step_plan, reference_selection
+from ..plan import DIAGNOSTICS, StepInputs, StepPlan, build_step_plan, reference_selection
 from ..selection import exact_group_sums, validate_token_inputs
 from . import nemo_rl_terms
 from .normalization import global_token_sum, reduce_per_token, safe_count, zero_masked
@@ -302,6 +302,9 @@ def _metrics(config, plan, controls, tokens, loss, clip_active, extra) -> dict[s
     if plan.global_selected_tokens is not None:
         metrics["cov_selected_mean"] = float((plan.scores.float() * selected.float()).sum()
                                              / safe_count(plan.global_selected_tokens, plan.scores.float()))
+    # The step's diagnostics are per-step values: reported as this micro-batch's token share, they sum to the value.
+    for key, value in plan.values.get(DIAGNOSTICS, {}).items():
+        metrics[key] = share(torch.full(mask.shape, float(value), device=mask.device))
     for control in controls:
         metrics.update(control.metrics(tokens, plan.values.get(control.name, {})))
     metrics.update(extra)
