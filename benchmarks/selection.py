@@ -2,9 +2,10 @@
 
 Prints two tables:
 
-1. Time of ``select_tokens`` (exact, global, one process holding the whole step) against a verl-style
-   per-call selection (means, quota and top-k per micro-batch, per-token data copied to the host) on ~1M valid
-   tokens, as a ratio; plus the bytes each approach moves (host copies and collective payloads per rank).
+1. Time of ``select_tokens`` (exact, global, one process holding the whole step) and of the whole step plan with
+   the covariance diagnostics, against a verl-style per-call selection (means, quota and top-k per micro-batch,
+   per-token data copied to the host) on ~1M valid tokens, as a ratio; plus the bytes each approach moves (host
+   copies and collective payloads per rank).
 2. Overlap between the per-micro-batch selection (what the reference does on each GPU) and the exact global
    selection, on a synthetic GRPO-like batch, at ratios 2e-3 and 2e-4, for several micro-batch sizes.
 
@@ -21,6 +22,7 @@ import torch
 
 from nemo_entropy.config import loss_config
 from nemo_entropy.demo import synthetic_batch
+from nemo_entropy.plan import StepInputs, build_step_plan
 from nemo_entropy.selection import select_tokens
 
 
@@ -69,15 +71,22 @@ def main() -> None:
     print("| ratio | selection | time (ms) | ratio to reference | host copy / step | collective payload per rank |")
     print("|---|---|---|---|---|---|")
     for ratio in (2e-3, 2e-4):
-        cfg = loss_config(dict(method="kl_cov", kl_cov_ratio=ratio))
+        cfg = loss_config(dict(method="kl_cov", kl_cov_ratio=ratio, covariance_diagnostics=False))
+        with_diagnostics = loss_config(dict(method="kl_cov", kl_cov_ratio=ratio))
         k = max(1, int(n * ratio))
+        k_diag = max(1, int(n * 0.02))
         t_ours = _time(lambda: select_tokens(cfg, logprobs, adv, mask, token_uids=uids, step=0), args.repeats)
+        t_plan = _time(lambda: build_step_plan(with_diagnostics, StepInputs(logprobs, adv, mask, uids), step=0),
+                       args.repeats)
         t_ref = _time(lambda: reference_per_call(logprobs, adv, mask, ratio, micro_batch=4), args.repeats)
-        ours_bytes = 4 * 8 + args.world * k * 16  # all-reduce of 4 int64; all-gather of k (score, uid) pairs
+        ours_bytes = 6 * 8 + args.world * k * 16  # all-reduce of 6 int64; all-gather of k (score, uid) pairs
+        plan_bytes = 9 * 8 + args.world * (k + k_diag) * 16  # + 3 diagnostic sums, + the top 2% for concentration
         print(f"| {ratio:g} | reference, per micro-batch of 4 | {t_ref * 1e3:.1f} | 1.00 | {n * 8 / 2**20:.1f} MiB "
               f"| 0 (and a different answer) |")
         print(f"| {ratio:g} | ours, exact global (k={k}) | {t_ours * 1e3:.1f} | {t_ours / t_ref:.2f} | 0 "
               f"| {ours_bytes / 1024:.1f} KiB (world {args.world}) |")
+        print(f"| {ratio:g} | ours, the step plan with the covariance diagnostics | {t_plan * 1e3:.1f} | "
+              f"{t_plan / t_ref:.2f} | 0 | {plan_bytes / 1024:.1f} KiB (world {args.world}) |")
     print()
     print("Overlap of the reference's per-micro-batch selection with the exact global top-k")
     print("(fraction of the global set the reference also picks; and how many tokens it picks instead of k):")
@@ -85,7 +94,7 @@ def main() -> None:
     print("| ratio | micro-batch (sequences) | global k | reference picks | overlap with global |")
     print("|---|---|---|---|---|")
     for ratio in (2e-3, 2e-4):
-        cfg = loss_config(dict(method="kl_cov", kl_cov_ratio=ratio))
+        cfg = loss_config(dict(method="kl_cov", kl_cov_ratio=ratio, covariance_diagnostics=False))
         exact = select_tokens(cfg, logprobs, adv, mask, token_uids=uids, step=0)
         k = int(exact.sum())
         for micro_batch in (1, 4, 16, 64):
