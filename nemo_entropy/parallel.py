@@ -39,6 +39,11 @@ def group_world_size(group: Optional[ProcessGroup]) -> int:
 _world = group_world_size
 
 
+def world_size() -> int:
+    """Processes of the default group (1 when torch.distributed is not initialised)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _rank(group: Optional[ProcessGroup]) -> int:
     return 0 if group is None else dist.get_rank(group)
 

@@ -238,8 +238,13 @@ def test_combinations_the_plugin_cannot_serve_are_refused_naming_both_keys(overr
 
 
 def test_worker_selection_without_packing_and_one_micro_batch_per_step_is_accepted():
-    check_nemo_rl_run_config({"policy": {"sequence_packing": {"enabled": False}, "train_global_batch_size": 8,
-                                         "train_micro_batch_size": 4}}, {"selection": "worker"}, data_parallel_size=2)
+    policy = {"sequence_packing": {"enabled": False}, "train_global_batch_size": 8, "train_micro_batch_size": 4,
+              "megatron_cfg": {"enabled": True}}
+    check_nemo_rl_run_config({"policy": policy}, {"selection": "worker"}, data_parallel_size=2)
+    # The DTensor backend gives the loss no DP group: each rank would select over its own share only.
+    with pytest.raises(ValueError, match=r"nemo_rl.selection='worker' needs the Megatron backend"):
+        check_nemo_rl_run_config({"policy": {**policy, "megatron_cfg": {"enabled": False}}}, {"selection": "worker"},
+                                 data_parallel_size=2)
 
 
 def test_the_logit_adapter_refuses_fused_linear_logprobs():

@@ -45,7 +45,7 @@ from ..controls import ControlSet
 from ..entropy import vocab_parallel_entropy_and_logprobs
 from ..losses import diagnostics, nemo_rl_terms, policy_loss
 from ..losses.normalization import zero_masked
-from ..parallel import ParallelGroups, group_world_size
+from ..parallel import ParallelGroups, group_world_size, world_size
 from ..plan import diagnostic_metric_names, plan_from_batch
 from . import batch_keys
 
@@ -357,13 +357,19 @@ class EntropyControlLossFn:
 
     @staticmethod
     def _worker_groups() -> ParallelGroups:
-        """The token group inside a worker: DP of the last PP stage (CP ranks hold full sequences here)."""
+        """The token group inside a worker: DP of the last PP stage (CP ranks hold full sequences here), from
+        megatron-core's ``parallel_state``. Without it, only a single process can plan over its own call."""
         try:
             from megatron.core import parallel_state as ps
-        except ImportError:  # megatron-core is optional: without it, this process alone
-            return ParallelGroups.single()
-        if ps.model_parallel_is_initialized():
-            return ParallelGroups.from_megatron(cp_holds_full_sequences=True)
+
+            if ps.model_parallel_is_initialized():
+                return ParallelGroups.from_megatron(cp_holds_full_sequences=True)
+        except ImportError:  # megatron-core is optional
+            pass
+        if world_size() > 1:
+            raise RuntimeError("nemo_rl.selection='worker' needs megatron-core's parallel_state for the DP group (the "
+                               "Megatron backend); this worker has none, so its selection would cover its own share "
+                               "of the step only: use nemo_rl.selection='driver'")
         return ParallelGroups.single()
 
     # ------------------------------------------------------------------ metrics

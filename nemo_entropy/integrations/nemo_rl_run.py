@@ -145,6 +145,11 @@ def check_nemo_rl_run_config(config: Mapping[str, Any], options: Optional[Mappin
             "selection cannot be built; set data_plane.enabled=false"
         )
     if options["selection"] == "worker":
+        if not _get(config, "policy.megatron_cfg.enabled", False):
+            raise ValueError(
+                "nemo_rl.selection='worker' needs the Megatron backend (policy.megatron_cfg.enabled=true): the loss "
+                "finds its DP group in megatron-core's parallel_state, and NeMo-RL's DTensor path gives it none, so "
+                "each rank would select over its own share only; use nemo_rl.selection='driver'")
         if isinstance(config.get("loss_fn"), Mapping):
             from ..controls import ControlSet
             from .nemo_rl import loss_config_from_nemo_rl
