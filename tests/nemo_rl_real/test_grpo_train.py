@@ -1,0 +1,143 @@
+"""NeMo-RL's own ``grpo_train`` with the plugin installed as the run entry installs it (see harness.py).
+
+(a) the selected tokens reaching the loss equal a direct ``select_tokens`` over each whole optimizer step;
+(b) the loss metrics arrive in NeMo-RL's logger with NeMo-RL's reductions;
+(c) after a checkpoint and a resume, the optimizer-step counter continues and Clip-Cov selects what an
+    uninterrupted run selects.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from . import reference as ref
+from .harness import GENERATIONS_PER_PROMPT, PROMPTS_PER_STEP, STEPS, TRAIN_GLOBAL_BATCH, RunSpec
+
+STEPS_PER_ROLLOUT = PROMPTS_PER_STEP * GENERATIONS_PER_PROMPT // TRAIN_GLOBAL_BATCH
+
+# DP 1 first, then DP 2: one CPU worker group alive at a time.
+MATRIX = [RunSpec(method, packing, dp) for dp in (1, 2) for packing in (False, True)
+          for method in ("kl_cov", "clip_cov")]
+IDS = [s.name for s in MATRIX]
+WORKER_METRICS = {"lr", "global_valid_seqs", "global_valid_toks"}  # added by the worker, not by the loss
+
+
+def test_install_wraps_the_entries_and_replaces_the_loss(installed_grpo):
+    grpo, wrapped = installed_grpo
+    assert "grpo_train" in wrapped and "async_grpo_train" in wrapped
+    loss = grpo.ClippedPGLossFn(grpo.ClippedPGLossConfig(**{"method": "clip_cov"}), use_fused_linear_logprobs=False)
+    assert type(loss).__name__ == "EntropyControlLossFn"
+    assert loss.config.method == "clip_cov"
+
+
+# ----------------------------------------------------------------------------------------------- (a)
+@pytest.mark.parametrize("spec", MATRIX, ids=IDS)
+def test_selection_reaching_the_loss_is_the_whole_step_selection(harness, spec):
+    run = harness.run(spec)
+    assert len(run.train_calls) == STEPS, "grpo_train did not run every step"
+    selected_total = 0
+    for t, call in enumerate(run.train_calls, start=1):
+        data = ref.step_data(run.logged_train_data(t))
+        assert call.wrapper_type == "BatchSelectionPolicy", "grpo_train trained an unwrapped policy"
+        expected, steps = ref.expected_selection(data, spec.method, first_step=(t - 1) * STEPS_PER_ROLLOUT)
+        got = ref.reached(call.records, data.mask.shape)
+        # every valid token of the step reached exactly one (non-dummy) loss call on one DP rank; no other did
+        assert torch.equal(got.coverage, data.mask.long()), f"step {t}: tokens lost or duplicated on the way"
+        assert torch.equal(got.uids[data.mask], data.uids[data.mask]), f"step {t}: token uids differ"
+        expected_steps = torch.tensor(steps).repeat_interleave(TRAIN_GLOBAL_BATCH)
+        assert torch.equal(got.step, expected_steps), f"step {t}: attached entropy_step {got.step.tolist()}"
+        assert torch.equal(got.selected, expected), (
+            f"step {t}: selection reaching the loss differs from select_tokens over the optimizer step at "
+            f"{torch.nonzero(got.selected != expected).tolist()}")
+        # a non-empty selection in every optimizer step (the quota is max(1, ...)): the check is not vacuous
+        for j in range(data.optimizer_steps):
+            assert int(expected[data.rows(j)].sum()) >= 1, f"step {t}.{j}: nothing selected"
+        selected_total += int(expected.sum())
+        if spec.dp == 2:
+            assert {r["dp_rank"] for r in got.calls} == {0, 1}, "both DP ranks must have trained"
+        if spec.packing:
+            assert all(r["mask"].shape[0] == 1 for r in got.calls), "packing: one loss call per packed sequence"
+    assert selected_total >= STEPS * STEPS_PER_ROLLOUT
+
+
+@pytest.mark.parametrize("spec", [s for s in MATRIX if s.method == "clip_cov"], ids=lambda s: s.name)
+def test_clip_cov_selection_depends_on_the_step_counter(harness, spec):
+    """The check above would catch a wrong step counter: the same tokens with another step select differently."""
+    run = harness.run(spec)
+    differs = 0
+    for t in range(1, STEPS + 1):
+        data = ref.step_data(run.logged_train_data(t))
+        right, _ = ref.expected_selection(data, spec.method, first_step=(t - 1) * STEPS_PER_ROLLOUT)
+        shifted, _ = ref.expected_selection(data, spec.method, first_step=(t - 1) * STEPS_PER_ROLLOUT + 1)
+        differs += int(not torch.equal(right, shifted))
+    assert differs >= 1
+
+
+# ----------------------------------------------------------------------------------------------- (b)
+@pytest.mark.parametrize("spec", MATRIX, ids=IDS)
+def test_loss_metrics_arrive_in_nemo_rl_logger_with_its_reductions(harness, spec):
+    run = harness.run(spec)
+    scalars = run.tensorboard_scalars()
+    for t, call in enumerate(run.train_calls, start=1):
+        data = ref.step_data(run.logged_train_data(t))
+        calls = [r for r in call.records if not r["dummy"]]
+        # independent values from the loss inputs (current log-probs as the loss received them)
+        for name, want in ref.expected_metrics(spec.method, calls, data).items():
+            got = scalars[f"train/{name}"][t]
+            assert math.isclose(got, want, rel_tol=2e-5, abs_tol=2e-6), f"step {t}: train/{name} = {got}, expected {want}"
+        # every metric the loss returned is logged, reduced the way NeMo-RL reduces it
+        names = set().union(*(r["metrics"] for r in calls)) - WORKER_METRICS
+        for name in sorted(names):
+            want = ref.nemo_rl_reduction(name, [r["metrics"][name] for r in calls], data.optimizer_steps)
+            assert f"train/{name}" in scalars, f"loss metric {name} never reached the logger"
+            got = scalars[f"train/{name}"][t]
+            assert math.isclose(got, want, rel_tol=2e-5, abs_tol=2e-6), f"step {t}: train/{name} = {got}, expected {want}"
+    # the policy actually moved within each rollout (ratios != 1 after the first optimizer step)
+    assert any(abs(scalars["train/probs_ratio_max"][t] - 1) > 1e-4 for t in range(1, STEPS + 1))
+
+
+# ----------------------------------------------------------------------------------------------- (c)
+RESUME = RunSpec("clip_cov", True, 2)
+
+
+def test_resume_continues_the_step_counter_and_clip_cov_selects_as_uninterrupted(harness):
+    full = harness.run(RESUME)
+    checkpoints = harness.workdir / "resume-checkpoints"
+    first = harness.run(RunSpec(RESUME.method, RESUME.packing, RESUME.dp, max_steps=3), name="resume-part1",
+                        checkpoint_dir=checkpoints)
+    second = harness.run(RESUME, name="resume-part2", checkpoint_dir=checkpoints)
+    assert len(first.train_calls) == 3 and first.final_save_state.total_steps == 3
+    assert (checkpoints / "step_3" / "training_info.json").is_file()
+    assert second.start_total_steps == 3, "the second grpo_train did not load NeMo-RL's save state"
+    assert len(second.train_calls) == STEPS - 3
+
+    for k, call in enumerate(second.train_calls):
+        t = 4 + k
+        # BatchSelectionPolicy.optimizer_step after this rollout, and the steps attached to train_data
+        assert call.wrapper_type == "BatchSelectionPolicy"
+        assert call.optimizer_step_after == t * STEPS_PER_ROLLOUT, (
+            f"rollout {t}: optimizer_step {call.optimizer_step_after}, expected {t * STEPS_PER_ROLLOUT}")
+        want_steps = torch.arange((t - 1) * STEPS_PER_ROLLOUT, t * STEPS_PER_ROLLOUT).repeat_interleave(
+            TRAIN_GLOBAL_BATCH)
+        assert torch.equal(call.data["entropy_step"], want_steps)
+        # same data as the uninterrupted run at this step (weights, optimizer, data loader and sampling resumed) ...
+        resumed, uninterrupted = second.logged_train_data(t), full.logged_train_data(t)
+        for key in ("token_ids", "prev_logprobs", "advantages", "token_loss_mask"):
+            assert torch.equal(resumed[key], uninterrupted[key]), f"rollout {t}: {key} differs after the resume"
+        # ... and the same Clip-Cov selection reaching the loss, bit for bit
+        data = ref.step_data(resumed)
+        got = ref.reached(call.records, data.mask.shape).selected
+        want = ref.reached(full.train_calls[t - 1].records, data.mask.shape).selected
+        assert torch.equal(got, want), f"rollout {t}: Clip-Cov selected differently after the resume"
+
+    # not vacuous: a counter restarted at 0 would have selected something else
+    restarted = []
+    for k in range(STEPS - 3):
+        data = ref.step_data(second.logged_train_data(4 + k))
+        wrong, _ = ref.expected_selection(data, RESUME.method, first_step=k * STEPS_PER_ROLLOUT)
+        right, _ = ref.expected_selection(data, RESUME.method, first_step=(3 + k) * STEPS_PER_ROLLOUT)
+        restarted.append(not torch.equal(wrong, right))
+    assert any(restarted)
