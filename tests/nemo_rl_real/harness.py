@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ TRAIN_GLOBAL_BATCH = 8  # 16 samples per GRPO step -> 2 optimizer steps per step
 TRAIN_MICRO_BATCH = 2
 MAX_SEQ_LEN = 16
 STEPS = 6
+PROMPTS = 8  # 2 GRPO steps per epoch: 6 steps cross two epoch boundaries, and step 3 is inside an epoch
+EPOCHS = 3
 SEED = 7
 
 LOSS_SECTIONS: dict[str, dict[str, Any]] = {
@@ -72,7 +75,7 @@ def nemo_rl_config(root: Path, spec: RunSpec, run_dir: Path, checkpoint_dir: Pat
     ours = {
         "grpo": {
             "num_prompts_per_step": PROMPTS_PER_STEP, "num_generations_per_prompt": GENERATIONS_PER_PROMPT,
-            "max_num_steps": spec.max_steps, "max_num_epochs": 1, "max_rollout_turns": 1, "val_period": 0,
+            "max_num_steps": spec.max_steps, "max_num_epochs": EPOCHS, "max_rollout_turns": 1, "val_period": 0,
             "val_at_start": False, "val_at_end": False, "seed": SEED,
             # setup() turns this on itself when reference_policy_kl_penalty == 0 (no reference model loaded)
             "skip_reference_policy_logprobs_calculation": True,
@@ -115,7 +118,7 @@ class RunResult:
     log_dir: Path
     checkpoint_dir: Path
     train_calls: list = field(default_factory=list)
-    start_total_steps: int = 0
+    start_save_state: Any = None
     final_save_state: Any = None
     generation_syncs: int = 0
 
@@ -166,7 +169,7 @@ def run_grpo(root: Path, spec: RunSpec, worker_group, run_dir: Path, *, checkpoi
     last_checkpoint_path = checkpointer.get_latest_checkpoint_path()
     grpo_save_state = grpo._get_grpo_save_state(checkpointer.load_training_info(last_checkpoint_path))
     dataloader = StatefulDataLoader(
-        tiny.AdditionPrompts(64, seed=SEED), batch_size=config.grpo.num_prompts_per_step,
+        tiny.AdditionPrompts(PROMPTS, seed=SEED), batch_size=config.grpo.num_prompts_per_step,
         shuffle=config.data["shuffle"], collate_fn=rl_collate_fn, drop_last=True,
         num_workers=config.data["num_workers"],
     )
@@ -180,7 +183,7 @@ def run_grpo(root: Path, spec: RunSpec, worker_group, run_dir: Path, *, checkpoi
     generation.weight_synchronizer.init_communicator()
 
     result = RunResult(spec, config, Path(config.logger["log_dir"]), checkpoint_dir,
-                       start_total_steps=grpo_save_state.total_steps)
+                       start_save_state=dataclasses.replace(grpo_save_state))
     try:
         with checkpointer:  # as examples/run_grpo.py: flushes checkpoint finalisation on exit
             grpo.grpo_train(

@@ -111,7 +111,10 @@ def test_resume_continues_the_step_counter_and_clip_cov_selects_as_uninterrupted
     second = harness.run(RESUME, name="resume-part2", checkpoint_dir=checkpoints)
     assert len(first.train_calls) == 3 and first.final_save_state.total_steps == 3
     assert (checkpoints / "step_3" / "training_info.json").is_file()
-    assert second.start_total_steps == 3, "the second grpo_train did not load NeMo-RL's save state"
+    loaded = second.start_save_state
+    assert loaded.total_steps == 3, "the second grpo_train did not load NeMo-RL's save state"
+    # resumed inside the second epoch: the within-epoch counter differs from the run-wide one
+    assert (loaded.current_epoch, loaded.current_step) == (1, 1)
     assert len(second.train_calls) == STEPS - 3
 
     for k, call in enumerate(second.train_calls):
