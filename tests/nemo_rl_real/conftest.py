@@ -49,34 +49,53 @@ def ray_cluster():
     import torch
 
     torch.set_num_threads(1)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # our own CPU Ray
+    # NeMo-RL's MemoryTracker asks Ray for a memory summary without an address: point it at ours, or another Ray
+    # running on the same machine makes it fail ("Found multiple active Ray instances").
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     yield
     ray.shutdown()
+    os.environ.pop("RAY_ADDRESS", None)
+
+
+class Installer:
+    """``install(nemo_rl.algorithms.grpo, options)`` exactly as ``nemo_entropy.train.run_nemo_rl`` calls it, each time
+    on the pristine module (a run-entry process installs once, with its run's options)."""
+
+    ENTRIES = ("ClippedPGLossFn", "grpo_train", "async_grpo_train")
+
+    def __init__(self):
+        from nemo_rl.algorithms import grpo
+
+        self.grpo = grpo
+        self.originals = {name: getattr(grpo, name) for name in self.ENTRIES}
+
+    def install(self, options) -> list[str]:
+        from nemo_entropy.integrations.nemo_rl_run import install
+
+        self.restore()
+        return install(self.grpo, options)
+
+    def restore(self) -> None:
+        for name, value in self.originals.items():
+            setattr(self.grpo, name, value)
 
 
 @pytest.fixture(scope="session")
-def installed_grpo():
-    """``install(nemo_rl.algorithms.grpo, options)`` exactly as ``nemo_entropy.train.run_nemo_rl`` calls it; the
-    module's originals come back at the end of the session."""
-    from nemo_rl.algorithms import grpo
-
-    from nemo_entropy.integrations.nemo_rl_run import install
-
-    from .harness import NEMO_RL_OPTIONS
-
-    saved = {name: getattr(grpo, name) for name in ("ClippedPGLossFn", "grpo_train", "async_grpo_train")}
-    wrapped = install(grpo, NEMO_RL_OPTIONS)
-    yield grpo, wrapped
-    for name, value in saved.items():
-        setattr(grpo, name, value)
+def installer():
+    inst = Installer()
+    yield inst
+    inst.restore()
 
 
 class Harness:
     """Memoised GRPO runs over NeMo-RL's real ``grpo_train`` (see harness.run_grpo)."""
 
-    def __init__(self, root: Path, workdir: Path):
+    def __init__(self, root: Path, workdir: Path, installer: Installer):
         from . import tiny
 
+        self.installer = installer
         self.root = root
         self.workdir = workdir
         self.pretrained = tiny.warm_start(workdir / "pretrained.pt")
@@ -109,6 +128,7 @@ class Harness:
         if name not in self.runs:
             run_dir = self.workdir / name
             shutil.rmtree(run_dir, ignore_errors=True)
+            self.installer.install(spec.options)
             self.runs[name] = run_grpo(self.root, spec, self.worker_group(spec.dp), run_dir,
                                        checkpoint_dir=checkpoint_dir, pretrained_path=self.pretrained,
                                        env_actor=self.env_actor)
@@ -116,7 +136,7 @@ class Harness:
 
 
 @pytest.fixture(scope="session")
-def harness(ray_cluster, installed_grpo, tmp_path_factory):
-    h = Harness(ROOT, tmp_path_factory.mktemp("nemo_rl_real"))
+def harness(ray_cluster, installer, tmp_path_factory):
+    h = Harness(ROOT, tmp_path_factory.mktemp("nemo_rl_real"), installer)
     yield h
     h.close_group()

@@ -54,9 +54,21 @@ class LossRecorder:
     def on_microbatch_start(self, index: int) -> None:
         self.microbatch = index
 
+    @staticmethod
+    def _from_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-prob of each next token, full-vocabulary entropy) from raw logits, by plain log-softmax."""
+        length = input_ids.shape[1]
+        logp = torch.log_softmax(logits.detach().float()[:, : length - 1], dim=-1)
+        chosen = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1).to(logp.device)).squeeze(-1)
+        return chosen, -(logp.exp() * logp).sum(-1)
+
     def __call__(self, *args: Any, **kwargs: Any):
         loss, metrics = self.loss_fn(*args, **kwargs)
         data = kwargs["data"]
+        if "next_token_logprobs" in kwargs:  # LogprobInput: log-probs computed by NeMo-RL's prepare_loss_input
+            curr, entropy = kwargs["next_token_logprobs"].detach().float(), None
+        else:  # LOGIT input: the loss got raw logits
+            curr, entropy = self._from_logits(kwargs["logits"], data["input_ids"])
         opt = lambda key, cut=True: (None if key not in data else  # noqa: E731
                                      (data[key][:, 1:] if cut else data[key]).detach().clone().cpu())
         self.records.append({
@@ -65,7 +77,8 @@ class LossRecorder:
             "dummy": self.microbatch >= self.valid_microbatches,
             "rows": data[ROW_TAG].detach().clone().cpu().to(torch.int64),
             "mask": ((data["token_mask"][:, 1:] * data["sample_mask"].unsqueeze(-1)) != 0).cpu(),
-            "curr": kwargs["next_token_logprobs"].detach().float().cpu(),
+            "curr": curr.cpu(),
+            "entropy": None if entropy is None else entropy.cpu(),
             "prev": opt("prev_logprobs"),
             "adv": opt("advantages"),
             "selected": opt(batch_keys.SELECTED),

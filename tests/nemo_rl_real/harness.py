@@ -5,8 +5,9 @@
 * the config is NeMo-RL's own ``examples/configs/grpo_math_1B.yaml`` (``load_config``) with our overrides merged
   on top, resolved and validated as ``MasterConfig(**config)`` (pydantic), as ``run_grpo.py`` does;
 * the tokenizer's generation settings come from NeMo-RL's ``configure_generation_config``;
-* ``nemo_entropy.integrations.nemo_rl_run.install(nemo_rl.algorithms.grpo, options)`` is called once (by the
-  caller, see conftest) and the loss is built as ``setup()`` builds it:
+* ``nemo_entropy.integrations.nemo_rl_run.install(nemo_rl.algorithms.grpo, spec.options)`` is called by the caller
+  before each run (on the pristine module, as a fresh run-entry process would; see conftest), and the loss is
+  built as ``setup()`` builds it:
   ``grpo.ClippedPGLossFn(master_config.loss_fn, use_fused_linear_logprobs=False)``;
 * logger, checkpointing, save state and data loader are NeMo-RL's, built as ``setup()`` builds them: ``Logger``
   (tensorboard on; wandb, mlflow, swanlab, GPU monitoring off), ``CheckpointManager``, its latest checkpoint's
@@ -50,7 +51,7 @@ LOSS_SECTIONS: dict[str, dict[str, Any]] = {
     "clip_cov": {"method": "clip_cov", "clip_cov_ratio": 0.2, "clip_cov_lb": 0.0, "clip_cov_ub": 5.0, "seed": 11},
 }
 NEMO_RL_OPTIONS = {"selection": "driver", "input_type": "logprob"}
-"""Our ``nemo_rl:`` section, as the run entry passes it to ``install``."""
+"""Our ``nemo_rl:`` section (defaults of a run), as the run entry passes it to ``install``."""
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,17 @@ class RunSpec:
     packing: bool
     dp: int
     max_steps: int = STEPS
+    input_type: str = "logprob"
 
     @property
     def name(self) -> str:
-        return f"{self.method}-{'pack' if self.packing else 'nopack'}-dp{self.dp}"
+        suffix = "" if self.input_type == "logprob" else f"-{self.input_type}"
+        return f"{self.method}-{'pack' if self.packing else 'nopack'}-dp{self.dp}{suffix}"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The run's ``nemo_rl:`` section."""
+        return {**NEMO_RL_OPTIONS, "input_type": self.input_type}
 
 
 def nemo_rl_config(root: Path, spec: RunSpec, run_dir: Path, checkpoint_dir: Path) -> dict[str, Any]:

@@ -148,6 +148,8 @@ def expected_metrics(method: str, calls: list[dict[str, Any]], data: StepData) -
         sums["num_valid_samples"] += float(len(r["rows"])) / steps
         rows = r["rows"]
         sums["cov_mean"] += tok(cov[rows, : m.shape[1]])
+        if r["entropy"] is not None:  # LOGIT input: the full-vocabulary entropy is logged
+            sums["entropy"] = sums.get("entropy", 0.0) + tok(r["entropy"].double())
         if bool(m.any()):
             extrema["probs_ratio_min"] = min(extrema["probs_ratio_min"], float(ratio[m].min()))
             extrema["probs_ratio_max"] = max(extrema["probs_ratio_max"], float(ratio[m].max()))

@@ -21,16 +21,23 @@ STEPS_PER_ROLLOUT = PROMPTS_PER_STEP * GENERATIONS_PER_PROMPT // TRAIN_GLOBAL_BA
 # DP 1 first, then DP 2: one CPU worker group alive at a time.
 MATRIX = [RunSpec(method, packing, dp) for dp in (1, 2) for packing in (False, True)
           for method in ("kl_cov", "clip_cov")]
+# NeMo-RL hands the loss raw logits (LossInputType.LOGIT): the adapter's log-probs and full-vocabulary entropy
+MATRIX.append(RunSpec("kl_cov", True, 2, input_type="logit"))
 IDS = [s.name for s in MATRIX]
 WORKER_METRICS = {"lr", "global_valid_seqs", "global_valid_toks"}  # added by the worker, not by the loss
 
 
-def test_install_wraps_the_entries_and_replaces_the_loss(installed_grpo):
-    grpo, wrapped = installed_grpo
+def test_install_wraps_the_entries_and_replaces_the_loss(installer):
+    grpo = installer.grpo
+    wrapped = installer.install({"selection": "driver", "input_type": "logit"})
     assert "grpo_train" in wrapped and "async_grpo_train" in wrapped
+    assert grpo.grpo_train is not installer.originals["grpo_train"]
     loss = grpo.ClippedPGLossFn(grpo.ClippedPGLossConfig(**{"method": "clip_cov"}), use_fused_linear_logprobs=False)
     assert type(loss).__name__ == "EntropyControlLossFn"
     assert loss.config.method == "clip_cov"
+    from nemo_rl.algorithms.loss.interfaces import LossInputType
+
+    assert loss.input_type is LossInputType.LOGIT  # NeMo-RL's own enum member: prepare_loss_input compares to it
 
 
 # ----------------------------------------------------------------------------------------------- (a)
@@ -85,7 +92,9 @@ def test_loss_metrics_arrive_in_nemo_rl_logger_with_its_reductions(harness, spec
         data = ref.step_data(run.logged_train_data(t))
         calls = [r for r in call.records if not r["dummy"]]
         # independent values from the loss inputs (current log-probs as the loss received them)
-        for name, want in ref.expected_metrics(spec.method, calls, data).items():
+        expected = ref.expected_metrics(spec.method, calls, data)
+        assert ("entropy" in expected) == (spec.input_type == "logit")
+        for name, want in expected.items():
             got = scalars[f"train/{name}"][t]
             assert math.isclose(got, want, rel_tol=2e-5, abs_tol=2e-6), f"step {t}: train/{name} = {got}, expected {want}"
         # every metric the loss returned is logged, reduced the way NeMo-RL reduces it
