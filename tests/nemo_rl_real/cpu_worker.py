@@ -11,7 +11,7 @@ and call NeMo-RL's own functions for everything that runs on a CPU: ``check_sequ
 uses FSDP2, which averages gradients the same way; NeMo-RL's ``loss * dp_size`` turns the average into the sum).
 
 A thin recording wrapper around the loss (:class:`LossRecorder`) keeps, for every loss call, what reached the
-loss: the attached selection keys, the masks, the harness's own row tag, the current log-probs and the returned
+loss: the attached step plan's selection, uids and steps, the masks, the harness's own row tag, the current log-probs and the returned
 metrics. The driver collects them after each ``policy.train`` (``pop_loss_records``).
 
 This module imports no NeMo-RL code at import time (the actor processes import only what they call).
@@ -27,6 +27,7 @@ import ray
 import torch
 
 from nemo_entropy.integrations import batch_keys
+from nemo_entropy.plan import PREFIX as PLAN_PREFIX
 
 from . import tiny
 from .cuda_on_cpu import cuda_on_cpu
@@ -81,10 +82,12 @@ class LossRecorder:
             "entropy": None if entropy is None else entropy.cpu(),
             "prev": opt("prev_logprobs"),
             "adv": opt("advantages"),
-            "selected": opt(batch_keys.SELECTED),
+            # the covariance selection of the attached step plan: entropy_plan.<control>.selected:bool
+            "selected": next((opt(k) for k in data if k.startswith(f"{PLAN_PREFIX}.")
+                              and k.endswith(".selected:bool")), None),
             "uids": opt(batch_keys.TOKEN_UIDS),
             "step": opt(batch_keys.STEP, cut=False),
-            "step_selected": opt(batch_keys.STEP_SELECTED, cut=False),
+            "plan_step": opt(f"{PLAN_PREFIX}.step", cut=False),
             "gvt": float(kwargs["global_valid_toks"]),
             "gvs": float(kwargs["global_valid_seqs"]),
             "metrics": {k: float(v) for k, v in metrics.items()},

@@ -87,8 +87,10 @@ def reached(records: list[dict[str, Any]], shape: tuple[int, int]) -> Reached:
     step = torch.full((batch,), -1, dtype=torch.int64)
     calls = [r for r in records if not r["dummy"]]
     for r in calls:
-        if r["selected"] is None:
-            raise AssertionError("a loss call received no attached selection (key entropy_selected missing)")
+        if r["selected"] is None or r["plan_step"] is None:
+            raise AssertionError("a loss call received no attached step plan (entropy_plan.* keys missing)")
+        if not torch.equal(r["plan_step"].to(torch.int64), r["step"]):
+            raise AssertionError(f"entropy_plan.step {r['plan_step'].tolist()} != entropy_step {r['step'].tolist()}")
         for i, row in enumerate(r["rows"].tolist()):
             n = r["mask"].shape[1]
             valid = r["mask"][i]

@@ -8,10 +8,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+
+from nemo_entropy.integrations import batch_keys
+from nemo_entropy.integrations.driver_selection import STATE_FILE
 
 from . import reference as ref
 from .harness import GENERATIONS_PER_PROMPT, PROMPTS_PER_STEP, STEPS, TRAIN_GLOBAL_BATCH, RunSpec
@@ -120,6 +124,9 @@ def test_resume_continues_the_step_counter_and_clip_cov_selects_as_uninterrupted
     second = harness.run(RESUME, name="resume-part2", checkpoint_dir=checkpoints)
     assert len(first.train_calls) == 3 and first.final_save_state.total_steps == 3
     assert (checkpoints / "step_3" / "training_info.json").is_file()
+    # the driver-side state the plugin writes into NeMo-RL's checkpoint
+    controls_state = json.loads((checkpoints / "step_3" / STATE_FILE).read_text())
+    assert controls_state["optimizer_step"] == 3 * STEPS_PER_ROLLOUT
     loaded = second.start_save_state
     assert loaded.total_steps == 3, "the second grpo_train did not load NeMo-RL's save state"
     # resumed inside the second epoch: the within-epoch counter differs from the run-wide one
@@ -134,7 +141,7 @@ def test_resume_continues_the_step_counter_and_clip_cov_selects_as_uninterrupted
             f"rollout {t}: optimizer_step {call.optimizer_step_after}, expected {t * STEPS_PER_ROLLOUT}")
         want_steps = torch.arange((t - 1) * STEPS_PER_ROLLOUT, t * STEPS_PER_ROLLOUT).repeat_interleave(
             TRAIN_GLOBAL_BATCH)
-        assert torch.equal(call.data["entropy_step"], want_steps)
+        assert torch.equal(call.data[batch_keys.STEP], want_steps)
         # same data as the uninterrupted run at this step (weights, optimizer, data loader and sampling resumed) ...
         resumed, uninterrupted = second.logged_train_data(t), full.logged_train_data(t)
         for key in ("token_ids", "prev_logprobs", "advantages", "token_loss_mask"):
