@@ -39,7 +39,7 @@ clean:
 # Runs NeMo-RL's own grpo_train on CPU with the plugin installed. NeMo-RL is not on PyPI: the checkout goes on
 # PYTHONPATH after this repository (the checkout has its own `tests` package). NeMo-RL main needs Python 3.13, so
 # the harness has its own venv, created on first use (or reused when NEMO_RL_VENV already holds one). On 3.13,
-# torch==2.13.0 is the CUDA build (about 3 GB with its NVIDIA libraries); it runs on CPU. nemo-automodel is
+# torch==2.13.0 is the CUDA build (with its NVIDIA libraries most of a 6 GB venv); it runs on CPU. nemo-automodel is
 # installed without its dependencies: NeMo-RL's automodel/train.py imports one helper from it.
 NEMO_RL_ROOT  ?=
 NEMO_RL_PY    ?= $(shell pyenv root 2>/dev/null)/versions/3.13.0/bin/python
