@@ -61,16 +61,22 @@ class RunSpec:
     dp: int
     max_steps: int = STEPS
     input_type: str = "logprob"
+    selection: str = "driver"
+    micro_batch: int = TRAIN_MICRO_BATCH
 
     @property
     def name(self) -> str:
         suffix = "" if self.input_type == "logprob" else f"-{self.input_type}"
+        if self.selection != "driver":
+            suffix += f"-{self.selection}"
+        if self.micro_batch != TRAIN_MICRO_BATCH:
+            suffix += f"-mbs{self.micro_batch}"
         return f"{self.method}-{'pack' if self.packing else 'nopack'}-dp{self.dp}{suffix}"
 
     @property
     def options(self) -> dict[str, Any]:
         """The run's ``nemo_rl:`` section."""
-        return {**NEMO_RL_OPTIONS, "input_type": self.input_type}
+        return {**NEMO_RL_OPTIONS, "input_type": self.input_type, "selection": self.selection}
 
 
 def nemo_rl_config(root: Path, spec: RunSpec, run_dir: Path, checkpoint_dir: Path) -> dict[str, Any]:
@@ -91,7 +97,7 @@ def nemo_rl_config(root: Path, spec: RunSpec, run_dir: Path, checkpoint_dir: Pat
         "loss_fn": {"reference_policy_kl_penalty": 0.0, **LOSS_SECTIONS[spec.method]},
         "policy": {
             "model_name": tiny.MODEL_NAME, "tokenizer": {"name": tiny.MODEL_NAME},
-            "train_global_batch_size": TRAIN_GLOBAL_BATCH, "train_micro_batch_size": TRAIN_MICRO_BATCH,
+            "train_global_batch_size": TRAIN_GLOBAL_BATCH, "train_micro_batch_size": spec.micro_batch,
             "logprob_batch_size": 4, "max_total_sequence_length": MAX_SEQ_LEN, "precision": "float32",
             "make_sequence_length_divisible_by": 1, "max_grad_norm": 1.0,
             "sequence_packing": {"enabled": spec.packing},

@@ -124,19 +124,32 @@ def step_covariance(data: StepData) -> torch.Tensor:
     return cov
 
 
-def expected_metrics(method: str, calls: list[dict[str, Any]], data: StepData) -> dict[str, float]:
-    """The logged value of each loss metric NeMo-RL should show for this GRPO step, from the loss calls' inputs."""
+def expected_metrics(method: str, calls: list[dict[str, Any]], data: StepData,
+                     selection: torch.Tensor | None = None) -> dict[str, float]:
+    """The logged value of each loss metric NeMo-RL should show for this GRPO step, from the loss calls' inputs.
+
+    The selected tokens are the ones attached to each call, or ``selection`` ([B, S-1], e.g. the whole-step
+    ``select_tokens``) when given (in-worker selection attaches none)."""
     cfg = selection_config(method)
     steps = data.optimizer_steps
     cov = step_covariance(data)
     sums = {k: 0.0 for k in ("loss", "probs_ratio", "probs_ratio_clamped", "selected_fraction", "kl_to_old",
-                             "num_valid_tokens", "num_valid_samples", "cov_mean")}
+                             "num_valid_tokens", "num_valid_samples", "cov_mean", "cov_selected_mean")}
     extrema = {"probs_ratio_min": math.inf, "probs_ratio_max": -math.inf,
                "probs_ratio_clamped_min": math.inf, "probs_ratio_clamped_max": -math.inf}
+
+    def chosen(r):
+        if selection is None:
+            return (r["selected"] != 0) & r["mask"]
+        return selection[r["rows"], : r["mask"].shape[1]] & r["mask"]
+
+    selected_in_step: dict[int, int] = {}
+    for r in calls:
+        selected_in_step[r["global_batch"]] = selected_in_step.get(r["global_batch"], 0) + int(chosen(r).sum())
     for r in calls:
         m = r["mask"]
         curr, prev, adv = r["curr"].double(), r["prev"].double(), r["adv"].double()
-        sel = (r["selected"] != 0) & m
+        sel = chosen(r)
         gvt = r["gvt"]
         ratio = (curr - prev).exp()
         clamped = ratio.clamp(1 - cfg.ratio_clip_min, 1 + cfg.ratio_clip_max)
@@ -150,6 +163,8 @@ def expected_metrics(method: str, calls: list[dict[str, Any]], data: StepData) -
         sums["num_valid_samples"] += float(len(r["rows"])) / steps
         rows = r["rows"]
         sums["cov_mean"] += tok(cov[rows, : m.shape[1]])
+        sums["cov_selected_mean"] += float((cov[rows, : m.shape[1]] * sel).sum()) / max(
+            selected_in_step[r["global_batch"]], 1) / steps
         if r["entropy"] is not None:  # LOGIT input: the full-vocabulary entropy is logged
             sums["entropy"] = sums.get("entropy", 0.0) + tok(r["entropy"].double())
         if bool(m.any()):

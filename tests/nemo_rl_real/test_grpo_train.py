@@ -101,6 +101,10 @@ def test_loss_metrics_arrive_in_nemo_rl_logger_with_its_reductions(harness, spec
         for name, want in expected.items():
             got = scalars[f"train/{name}"][t]
             assert math.isclose(got, want, rel_tol=2e-5, abs_tol=2e-6), f"step {t}: train/{name} = {got}, expected {want}"
+        # the same values from the whole-step select_tokens instead of the attached keys (the reference the
+        # in-worker test below relies on)
+        whole_step, _ = ref.expected_selection(data, spec.method, first_step=(t - 1) * STEPS_PER_ROLLOUT)
+        assert ref.expected_metrics(spec.method, calls, data, selection=whole_step) == expected
         # every metric the loss returned is logged, reduced the way NeMo-RL reduces it
         names = set().union(*(r["metrics"] for r in calls)) - WORKER_METRICS
         for name in sorted(names):
@@ -160,3 +164,33 @@ def test_resume_continues_the_step_counter_and_clip_cov_selects_as_uninterrupted
         right, _ = ref.expected_selection(data, RESUME.method, first_step=(3 + k) * STEPS_PER_ROLLOUT)
         restarted.append(not torch.equal(wrong, right))
     assert any(restarted)
+
+
+# ----------------------------------------------------------------------------------------------- in-worker selection
+WORKER_DP2 = RunSpec("kl_cov", False, 2, selection="worker", micro_batch=TRAIN_GLOBAL_BATCH // 2)
+
+
+def test_in_worker_selection_with_dp2_is_the_step_selection_or_refused(harness):
+    """``nemo_rl.selection: worker`` with DP 2 and ``train_micro_batch_size x DP == train_global_batch_size`` (which
+    validation accepts): the loss must select over the whole optimizer step across both ranks (as
+    ``scope: batch`` promises), or the run must be refused by name before it starts. On NeMo-RL's DTensor path the
+    loss gets no DP group (no megatron ``parallel_state``), so each rank selects over its own half."""
+    try:
+        run = harness.run(WORKER_DP2)
+    except ValueError as err:  # refused by name: acceptable
+        assert "nemo_rl.selection" in str(err), str(err)
+        return
+    scalars = run.tensorboard_scalars()
+    mismatches = []
+    for t, call in enumerate(run.train_calls, start=1):
+        data = ref.step_data(run.logged_train_data(t))
+        assert {r["dp_rank"] for r in call.records} == {0, 1}
+        assert all(r["selected"] is None for r in call.records), "worker mode attaches no selection"
+        whole_step, _ = ref.expected_selection(data, WORKER_DP2.method, first_step=(t - 1) * STEPS_PER_ROLLOUT)
+        expected = ref.expected_metrics(WORKER_DP2.method, [r for r in call.records if not r["dummy"]], data,
+                                        selection=whole_step)
+        for name in ("selected_fraction", "cov_selected_mean", "loss"):
+            got = scalars[f"train/{name}"][t]
+            if not math.isclose(got, expected[name], rel_tol=2e-5, abs_tol=2e-6):
+                mismatches.append(f"step {t}: train/{name} = {got:.6g}, whole-step selection gives {expected[name]:.6g}")
+    assert not mismatches, "in-worker selection on DP 2 is not the step's selection:\n" + "\n".join(mismatches)
