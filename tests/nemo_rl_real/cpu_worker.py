@@ -11,8 +11,8 @@ and call NeMo-RL's own functions for everything that runs on a CPU: ``check_sequ
 uses FSDP2, which averages gradients the same way; NeMo-RL's ``loss * dp_size`` turns the average into the sum).
 
 A thin recording wrapper around the loss (:class:`LossRecorder`) keeps, for every loss call, what reached the
-loss: the attached step plan's selection, uids and steps, the masks, the harness's own row tag, the current log-probs and the returned
-metrics. The driver collects them after each ``policy.train`` (``pop_loss_records``).
+loss: the attached step plan's selection, uids and steps, the masks, the harness's own row tag, the current
+log-probs and the returned metrics. The driver collects them after each ``policy.train`` (``pop_loss_records``).
 
 This module imports no NeMo-RL code at import time (the actor processes import only what they call).
 """

@@ -31,6 +31,11 @@ IDS = [s.name for s in MATRIX]
 WORKER_METRICS = {"lr", "global_valid_seqs", "global_valid_toks"}  # added by the worker, not by the loss
 
 
+def _close(logged: float, expected: float) -> bool:
+    """Tensorboard stores fp32 scalars; the sums are fp32 in a different order."""
+    return math.isclose(logged, expected, rel_tol=2e-5, abs_tol=2e-6)
+
+
 def test_install_wraps_the_entries_and_replaces_the_loss(installer):
     grpo = installer.grpo
     wrapped = installer.install({"selection": "driver", "input_type": "logit"})
@@ -100,7 +105,7 @@ def test_loss_metrics_arrive_in_nemo_rl_logger_with_its_reductions(harness, spec
         assert ("entropy" in expected) == (spec.input_type == "logit")
         for name, want in expected.items():
             got = scalars[f"train/{name}"][t]
-            assert math.isclose(got, want, rel_tol=2e-5, abs_tol=2e-6), f"step {t}: train/{name} = {got}, expected {want}"
+            assert _close(got, want), f"step {t}: train/{name} = {got}, expected {want}"
         # the same values from the whole-step select_tokens instead of the attached keys (the reference the
         # in-worker test below relies on)
         whole_step, _ = ref.expected_selection(data, spec.method, first_step=(t - 1) * STEPS_PER_ROLLOUT)
@@ -111,7 +116,7 @@ def test_loss_metrics_arrive_in_nemo_rl_logger_with_its_reductions(harness, spec
             want = ref.nemo_rl_reduction(name, [r["metrics"][name] for r in calls], data.optimizer_steps)
             assert f"train/{name}" in scalars, f"loss metric {name} never reached the logger"
             got = scalars[f"train/{name}"][t]
-            assert math.isclose(got, want, rel_tol=2e-5, abs_tol=2e-6), f"step {t}: train/{name} = {got}, expected {want}"
+            assert _close(got, want), f"step {t}: train/{name} = {got}, expected {want}"
     # the policy actually moved within each rollout (ratios != 1 after the first optimizer step)
     assert any(abs(scalars["train/probs_ratio_max"][t] - 1) > 1e-4 for t in range(1, STEPS + 1))
 
@@ -191,6 +196,7 @@ def test_in_worker_selection_with_dp2_is_the_step_selection_or_refused(harness):
                                         selection=whole_step)
         for name in ("selected_fraction", "cov_selected_mean", "loss"):
             got = scalars[f"train/{name}"][t]
-            if not math.isclose(got, expected[name], rel_tol=2e-5, abs_tol=2e-6):
-                mismatches.append(f"step {t}: train/{name} = {got:.6g}, whole-step selection gives {expected[name]:.6g}")
+            if not _close(got, expected[name]):
+                mismatches.append(f"step {t}: train/{name} = {got:.6g}, the whole-step selection gives "
+                                  f"{expected[name]:.6g}")
     assert not mismatches, "in-worker selection on DP 2 is not the step's selection:\n" + "\n".join(mismatches)

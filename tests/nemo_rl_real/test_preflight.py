@@ -34,7 +34,8 @@ def _rename_save_state_parameter(text: str) -> str:
     end = text.index(") -> None:", start)
     signature = text[start:end]
     assert "    grpo_save_state: GRPOSaveState," in signature
-    return text[:start] + signature.replace("    grpo_save_state: GRPOSaveState,", "    save_state: GRPOSaveState,") + text[end:]
+    renamed = signature.replace("    grpo_save_state: GRPOSaveState,", "    save_state: GRPOSaveState,")
+    return text[:start] + renamed + text[end:]
 
 
 def _drop_total_steps(text: str) -> str:
