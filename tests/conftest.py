@@ -9,6 +9,9 @@ torch sees a GPU, so the CPU run has nothing to skip. ``NEMO_ENTROPY_GPU_TESTS``
   for the CUDA kernel, the PyTorch reference for Triton and gloo for NCCL (``benchmarks/gpu_check.sh
   --dry-run`` does this, so the GPU tests' own logic is exercised before they ever meet a GPU);
 * ``0``: never collect them.
+
+``tests/nemo_rl_real/`` runs NeMo-RL's own code from a checkout (``make test-nemo-rl NEMO_RL_ROOT=<checkout>``). CI
+has no checkout, so without ``NEMO_RL_ROOT`` that folder is not collected at all (not skipped).
 """
 
 from __future__ import annotations
@@ -32,3 +35,5 @@ def _collect_gpu_tests() -> bool:
 
 
 collect_ignore = [] if _collect_gpu_tests() else ["gpu"]
+if not os.environ.get("NEMO_RL_ROOT"):
+    collect_ignore.append("nemo_rl_real")
