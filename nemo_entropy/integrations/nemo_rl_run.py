@@ -145,11 +145,6 @@ def check_nemo_rl_run_config(config: Mapping[str, Any], options: Optional[Mappin
             "selection cannot be built; set data_plane.enabled=false"
         )
     if options["selection"] == "worker":
-        if not _get(config, "policy.megatron_cfg.enabled", False):
-            raise ValueError(
-                "nemo_rl.selection='worker' needs the Megatron backend (policy.megatron_cfg.enabled=true): the loss "
-                "finds its DP group in megatron-core's parallel_state, and NeMo-RL's DTensor path gives it none, so "
-                "each rank would select over its own share only; use nemo_rl.selection='driver'")
         if isinstance(config.get("loss_fn"), Mapping):
             from ..controls import ControlSet
             from .nemo_rl import loss_config_from_nemo_rl
@@ -169,6 +164,11 @@ def check_nemo_rl_run_config(config: Mapping[str, Any], options: Optional[Mappin
                     "selection's collectives would not pair up (a hang). Use nemo_rl.selection='driver' (exact, no "
                     f"collective in the loss) or set {key}=false"
                 )
+        if not _get(config, "policy.megatron_cfg.enabled", False):
+            raise ValueError(
+                "nemo_rl.selection='worker' needs the Megatron backend (policy.megatron_cfg.enabled=true): the loss "
+                "finds its DP group in megatron-core's parallel_state, and NeMo-RL's DTensor path gives it none, so "
+                "each rank would select over its own share only; use nemo_rl.selection='driver'")
         gbs, mbs = _get(config, "policy.train_global_batch_size"), _get(config, "policy.train_micro_batch_size")
         if data_parallel_size is not None and gbs is not None and mbs is not None and mbs * data_parallel_size != gbs:
             raise ValueError(
@@ -251,7 +251,7 @@ def _wrap_entry(original: Callable, name: str, counter_field: str, options: Mapp
         bound = signature.bind(*args, **kwargs)
         master_config = bound.arguments["master_config"]
         check_nemo_rl_run_config(
-            {key: config_section(master_config, key) for key in ("policy", "data_plane", "grpo")}, options)
+            {key: config_section(master_config, key) for key in ("policy", "data_plane", "grpo", "loss_fn")}, options)
         policy = wrap_policy_for_step(
             bound.arguments["policy"], bound.arguments["loss_fn"], master_config,
             bound.arguments.get("grpo_save_state"), counter_field=counter_field, selection=options["selection"])
