@@ -11,11 +11,13 @@ from .base import Control, ControlConfig, TokenBatch
 from .clip_cov import ClipCov
 from .kl_cov import KLCov
 from .ppo import PPO
+from .top_entropy import TopEntropy
 
 REGISTRY: dict[str, type[Control]] = {cls.name: cls for cls in (
     PPO,
     ClipCov,
     KLCov,
+    TopEntropy,
 )}
 """Every control by name, in the order their plans are built and their per-token changes applied."""
 
