@@ -28,6 +28,7 @@ EMPTY = (0, 4, 8, 12)  # the samples rank 3 holds in the "empty rank" layout: al
 CASES = {
     "top_entropy_0.2": {"method": "top_entropy", "top_entropy_quantile": 0.2},
     "top_entropy_0.55_dual_clip": {"method": "top_entropy", "top_entropy_quantile": 0.55, "ratio_clip_c": 3.0},
+    "w_reinforce_token": {"method": "w_reinforce", "w_reinforce_level": "token"},
 }
 
 

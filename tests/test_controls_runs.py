@@ -23,6 +23,7 @@ STANDIN = Path(__file__).resolve().parent / "nemo_rl_standin"
 # name -> (extra dry-run overrides on grpo_32b_baseline, the control's metrics in a local run)
 CONTROLS = {
     "top_entropy": ([], ("top_entropy_threshold", "top_entropy_kept_fraction")),
+    "w_reinforce": ([], ("w_reinforce_positive_fraction",)),
 }
 
 
@@ -52,6 +53,8 @@ def test_local_config_runs_on_the_engine(name, tmp_path, cache_dir):
             assert isinstance(record[key], float) and math.isfinite(record[key]), (name, key, record.get(key))
         if name == "top_entropy":  # k = ceil(0.2 N) of a step's N valid tokens (N > 5 here)
             assert 0.2 <= record["top_entropy_kept_fraction"] < 0.4 and record["top_entropy_threshold"] > 0
+        if name == "w_reinforce":
+            assert 0 <= record["w_reinforce_positive_fraction"] <= 1
 
 
 @pytest.mark.parametrize("name", sorted(CONTROLS))

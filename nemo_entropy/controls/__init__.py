@@ -12,12 +12,14 @@ from .clip_cov import ClipCov
 from .kl_cov import KLCov
 from .ppo import PPO
 from .top_entropy import TopEntropy
+from .w_reinforce import WReinforce
 
 REGISTRY: dict[str, type[Control]] = {cls.name: cls for cls in (
     PPO,
     ClipCov,
     KLCov,
     TopEntropy,
+    WReinforce,
 )}
 """Every control by name, in the order their plans are built and their per-token changes applied."""
 
