@@ -29,6 +29,7 @@ CASES = {
     "top_entropy_0.2": {"method": "top_entropy", "top_entropy_quantile": 0.2},
     "top_entropy_0.55_dual_clip": {"method": "top_entropy", "top_entropy_quantile": 0.55, "ratio_clip_c": 3.0},
     "w_reinforce_token": {"method": "w_reinforce", "w_reinforce_level": "token"},
+    "gppo_clip_higher": {"method": "gppo", "ratio_clip_max": 0.28},
 }
 
 

@@ -24,6 +24,7 @@ STANDIN = Path(__file__).resolve().parent / "nemo_rl_standin"
 CONTROLS = {
     "top_entropy": ([], ("top_entropy_threshold", "top_entropy_kept_fraction")),
     "w_reinforce": ([], ("w_reinforce_positive_fraction",)),
+    "gppo": ([], ("clip_ratio/low", "clip_ratio/high")),
 }
 
 
@@ -55,6 +56,8 @@ def test_local_config_runs_on_the_engine(name, tmp_path, cache_dir):
             assert 0.2 <= record["top_entropy_kept_fraction"] < 0.4 and record["top_entropy_threshold"] > 0
         if name == "w_reinforce":
             assert 0 <= record["w_reinforce_positive_fraction"] <= 1
+        if name == "gppo":  # no dual clip: the two sides make up the clip fraction
+            assert record["clip_ratio/low"] + record["clip_ratio/high"] == pytest.approx(record["clip_fraction"])
 
 
 @pytest.mark.parametrize("name", sorted(CONTROLS))

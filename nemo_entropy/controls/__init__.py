@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .base import Control, ControlConfig, TokenBatch
 from .clip_cov import ClipCov
+from .gppo import GPPO
 from .kl_cov import KLCov
 from .ppo import PPO
 from .top_entropy import TopEntropy
@@ -20,6 +21,7 @@ REGISTRY: dict[str, type[Control]] = {cls.name: cls for cls in (
     KLCov,
     TopEntropy,
     WReinforce,
+    GPPO,
 )}
 """Every control by name, in the order their plans are built and their per-token changes applied."""
 
