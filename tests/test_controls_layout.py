@@ -30,6 +30,9 @@ CASES = {
     "top_entropy_0.55_dual_clip": {"method": "top_entropy", "top_entropy_quantile": 0.55, "ratio_clip_c": 3.0},
     "w_reinforce_token": {"method": "w_reinforce", "w_reinforce_level": "token"},
     "gppo_clip_higher": {"method": "gppo", "ratio_clip_max": 0.28},
+    "entropy_advantage": {"method": "entropy_advantage"},
+    "all_four": {"method": "gppo", "controls": ["top_entropy", "w_reinforce", "entropy_advantage"],
+                 "top_entropy_quantile": 0.3},
 }
 
 

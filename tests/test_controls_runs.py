@@ -25,6 +25,8 @@ CONTROLS = {
     "top_entropy": ([], ("top_entropy_threshold", "top_entropy_kept_fraction")),
     "w_reinforce": ([], ("w_reinforce_positive_fraction",)),
     "gppo": ([], ("clip_ratio/low", "clip_ratio/high")),
+    "entropy_advantage": (["nemo_rl.input_type=logit"],
+                          ("entropy_advantage_mean", "entropy_advantage_capped_fraction")),
 }
 
 
@@ -56,6 +58,8 @@ def test_local_config_runs_on_the_engine(name, tmp_path, cache_dir):
             assert 0.2 <= record["top_entropy_kept_fraction"] < 0.4 and record["top_entropy_threshold"] > 0
         if name == "w_reinforce":
             assert 0 <= record["w_reinforce_positive_fraction"] <= 1
+        if name == "entropy_advantage":  # psi = min(alpha H, |A| / kappa) >= 0
+            assert record["entropy_advantage_mean"] >= 0 and 0 <= record["entropy_advantage_capped_fraction"] <= 1
         if name == "gppo":  # no dual clip: the two sides make up the clip fraction
             assert record["clip_ratio/low"] + record["clip_ratio/high"] == pytest.approx(record["clip_fraction"])
 
