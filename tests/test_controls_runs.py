@@ -122,3 +122,28 @@ def test_top_entropy_end_to_end_through_the_nemo_rl_standin(tmp_path, monkeypatc
             assert received[step] == want, step
     finally:
         _drop_nemo_rl_modules()
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize("overrides,names", [
+    (["loss_fn.method=entropy_advantage"], ["['entropy_advantage']", "nemo_rl.input_type=logit", "'logprob'"]),
+    (["loss_fn.method=top_entropy", "policy.megatron_cfg.context_parallel_size=2"],
+     ["['top_entropy']", "policy.megatron_cfg.context_parallel_size=2"]),
+    (["loss_fn.method=gppo", "++loss_fn.controls=[entropy_advantage]", "nemo_rl.input_type=logit",
+      "policy.megatron_cfg.context_parallel_size=2"], ["['entropy_advantage']", "context_parallel_size=2"]),
+    (["loss_fn.method=top_entropy", "nemo_rl.selection=worker", "policy.sequence_packing.enabled=false"],
+     ["nemo_rl.selection='worker'", "['top_entropy']"]),
+])
+def test_entropy_reading_controls_without_their_input_are_refused_at_dry_run(overrides, names, capsys):
+    """Refused before Ray starts, naming the control and the key: the LOGPROB input has no current entropy, a
+    context-parallel rank no whole sequence, an in-worker plan no old entropy of the whole step."""
+    assert train.main(["--config-name", "grpo_32b_baseline", "--dry-run", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert all(name in err for name in names), err
+
+
+def test_a_control_without_entropy_needs_no_logits_and_accepts_context_parallelism(capsys):
+    argv = ["--config-name", "grpo_32b_baseline", "--dry-run", "loss_fn.method=w_reinforce",
+            "policy.megatron_cfg.context_parallel_size=2"]
+    assert train.main(argv) == 0
+    assert "CP 2" in capsys.readouterr().out
