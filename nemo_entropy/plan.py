@@ -103,11 +103,13 @@ class StepContext:
         """``scope: microbatch`` only: tokens the PPO clip already clipped (the reference skips them)."""
         self._groups = groups
 
-    def top_k(self, priority: torch.Tensor, eligible: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    def top_k(self, priority: torch.Tensor, eligible: torch.Tensor, k: int, *, with_threshold: bool = False):
         """The ``k`` eligible tokens of the whole step ranked first by (priority desc, token uid asc), and how many
         that is over the step (fewer than ``k`` when fewer are eligible): one all-gather. Every rank must ask for
-        the same ``k`` in the same order (controls derive ``k`` from the global counts)."""
-        return distributed_top_k(priority, self.token_uids, eligible & self.mask, k, self._groups)
+        the same ``k`` in the same order (controls derive ``k`` from the global counts). ``with_threshold`` adds
+        the lowest chosen priority, identical on every rank (a quantile's value, for a metric)."""
+        return distributed_top_k(priority, self.token_uids, eligible & self.mask, k, self._groups,
+                                 with_threshold=with_threshold)
 
 
 @dataclass(frozen=True)

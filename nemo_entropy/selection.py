@@ -354,10 +354,13 @@ def merged_top_k(
 
 
 def distributed_top_k(
-    priority: torch.Tensor, uids: torch.Tensor, eligible: torch.Tensor, k: int, groups: GroupsLike = None
-) -> tuple[torch.Tensor, int]:
+    priority: torch.Tensor, uids: torch.Tensor, eligible: torch.Tensor, k: int, groups: GroupsLike = None, *,
+    with_threshold: bool = False,
+):
     """The ``k`` eligible tokens of the whole token group ranked first by (priority desc, uid asc), and how many
-    were chosen over the group (``k``, or fewer when fewer are eligible): ``(mask, count)``.
+    were chosen over the group (``k``, or fewer when fewer are eligible): ``(mask, count)``. With
+    ``with_threshold``, also the lowest chosen priority (the same float on every rank; None if none was chosen):
+    ``(mask, count, threshold)``, e.g. a quantile's value.
 
     ``k`` must be the same on every rank. One all-gather of ``k`` (priority, uid) pairs per rank.
     """
@@ -366,6 +369,8 @@ def distributed_top_k(
     # Priorities came from this dtype exactly, so comparing in it is exact.
     threshold_p, threshold_u = top_p[k - 1].to(priority.dtype), top_u[k - 1]
     above = (priority > threshold_p) | ((priority == threshold_p) & (uids <= threshold_u))
+    if with_threshold:
+        return eligible & above, chosen, float(top_p[chosen - 1]) if chosen else None
     return eligible & above, chosen
 
 

@@ -183,3 +183,20 @@ def test_select_tokens_with_scores_equals_the_two_separate_calls(method, form):
     chosen, scores = select_tokens_with_scores(cfg, lp, adv, mask, token_uids=uids, step=4)
     assert torch.equal(chosen, select_tokens(cfg, lp, adv, mask, token_uids=uids, step=4))
     assert torch.equal(scores, covariance_scores(lp, adv, mask, form=form))  # bit for bit
+
+
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_top_k_threshold_is_the_lowest_chosen_priority(k):
+    """``with_threshold`` adds the k-th priority of the (priority desc, uid asc) order, or the last one when fewer are
+    eligible; None when nothing is."""
+    from nemo_entropy.selection import distributed_top_k
+
+    gen = torch.Generator().manual_seed(k)
+    priority = torch.round(torch.rand(4, 6, generator=gen) * 8) / 8  # ties on purpose
+    uids = token_uids_for(torch.arange(4), 6)
+    eligible = torch.rand(4, 6, generator=gen) > 0.3
+    mask, count, threshold = distributed_top_k(priority, uids, eligible, k, with_threshold=True)
+    order = sorted((-float(priority[i, j]), int(uids[i, j])) for i, j in eligible.nonzero().tolist())[:k]
+    assert count == len(order) == int(mask.sum()) and threshold == -order[-1][0]
+    assert torch.equal(mask, distributed_top_k(priority, uids, eligible, k)[0])
+    assert distributed_top_k(priority, uids, torch.zeros_like(eligible), k, with_threshold=True)[1:] == (0, None)

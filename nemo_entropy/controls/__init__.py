@@ -9,13 +9,21 @@ from __future__ import annotations
 
 from .base import Control, ControlConfig, TokenBatch
 from .clip_cov import ClipCov
+from .entropy_advantage import EntropyAdvantage
+from .gppo import GPPO
 from .kl_cov import KLCov
 from .ppo import PPO
+from .top_entropy import TopEntropy
+from .w_reinforce import WReinforce
 
 REGISTRY: dict[str, type[Control]] = {cls.name: cls for cls in (
     PPO,
     ClipCov,
     KLCov,
+    TopEntropy,
+    WReinforce,
+    GPPO,
+    EntropyAdvantage,
 )}
 """Every control by name, in the order their plans are built and their per-token changes applied."""
 

@@ -74,6 +74,13 @@ class TokenBatch:
     """The step's exact covariance scores of these tokens (from the plan)."""
     entropy: Optional[torch.Tensor] = None
     sample_rewards: Optional[torch.Tensor] = None
+    input_advantages: Optional[torch.Tensor] = None
+    """The advantages as the batch carried them, before any control's :meth:`Control.shape_advantages` replaced
+    ``advantages`` (a sign or a metric that must not depend on another control's shaping); defaults to them."""
+
+    def __post_init__(self) -> None:
+        if self.input_advantages is None:
+            self.input_advantages = self.advantages
 
     def token_sum(self, values: torch.Tensor) -> torch.Tensor:
         """``sum(values * mask) / global_valid_tokens``: a summable per-token mean (metrics, extra terms)."""
@@ -134,7 +141,11 @@ class Control:
         return None, None
 
     def metrics(self, tokens: TokenBatch, values: Mapping[str, Any]) -> dict[str, float]:
-        """Metrics of this micro-batch, pre-divided so that they sum over micro-batches and ranks."""
+        """Metrics of this micro-batch, pre-divided so that they sum over micro-batches and ranks.
+
+        A per-step constant ``c`` (a threshold, a coefficient) is reported as the token share
+        ``tokens.token_sum(c * ones)``: each micro-batch contributes ``c`` times its share of the step's valid tokens,
+        so the sum over micro-batches and ranks is ``c`` (0 for a step without valid tokens)."""
         return {}
 
     def metric_normalizations(self) -> dict[str, str]:

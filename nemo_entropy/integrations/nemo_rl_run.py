@@ -15,7 +15,8 @@ module globals, and ``examples/run_grpo.py`` dispatches to a training entry (``g
    NeMo-RL checkpoint and restored from the one NeMo-RL resumes from;
 3. checks, before any GPU work, the configurations the plugin cannot serve and refuses them by name
    (:func:`check_nemo_rl_run_config`): the data plane (``grpo_train_sync`` never shows the driver the batch),
-   in-worker selection with packing or dynamic batching, LOGIT input with fused linear log-probs or top-k/top-p.
+   in-worker selection with packing or dynamic batching, LOGIT input with fused linear log-probs or top-k/top-p,
+   controls that read an entropy without the logits it comes from (LOGPROB input, context parallelism > 1).
 
 NeMo-RL's interfaces come in two generations, both handled here: ``MasterConfig`` a ``TypedDict`` (<= v0.6, read
 by key) or a pydantic model (v0.7, main; read by attribute), ``GRPOSaveState`` a ``TypedDict`` (<= v0.7) or a
@@ -176,6 +177,8 @@ def check_nemo_rl_run_config(config: Mapping[str, Any], options: Optional[Mappin
                 f"only when policy.train_micro_batch_size x DP == policy.train_global_batch_size ({mbs} x "
                 f"{data_parallel_size} != {gbs}); use nemo_rl.selection='driver' (exact for any micro-batch size)"
             )
+    if isinstance(config.get("loss_fn"), Mapping):
+        _check_entropy_inputs(config, options)
     if options["input_type"] == "logit":
         if _get(config, "policy.megatron_cfg.enabled", False) and _get(config, "policy.megatron_cfg.use_fused_linear_logprobs", False):
             raise ValueError(
@@ -189,6 +192,26 @@ def check_nemo_rl_run_config(config: Mapping[str, Any], options: Optional[Mappin
                 f"policy.generation.top_p={top_p!r}: NeMo-RL filters top-k/top-p only on the LOGPROB path, so the "
                 "ratio would mix filtered old log-probs with unfiltered current ones; use nemo_rl.input_type='logprob'"
             )
+
+
+def _check_entropy_inputs(config: Mapping[str, Any], options: Mapping[str, Any]) -> None:
+    """Controls that read a full-vocabulary entropy (``needs``) get it from logits: refuse the layouts without."""
+    from ..controls import ControlSet
+    from .nemo_rl import loss_config_from_nemo_rl
+
+    controls = list(ControlSet(loss_config_from_nemo_rl(config["loss_fn"])))
+    current = [c.name for c in controls if "entropy" in c.needs]
+    if current and options["input_type"] != "logit":
+        raise ValueError(
+            f"loss_fn controls {current} need the current full-vocabulary entropy, which only logits give: set "
+            f"nemo_rl.input_type=logit (it is {options['input_type']!r})")
+    any_entropy = [c.name for c in controls if c.needs & {"entropy", "old_entropy"}]
+    for backend in ("megatron_cfg", "dtensor_cfg"):
+        cp = _get(config, f"policy.{backend}.context_parallel_size", 1)
+        if any_entropy and _get(config, f"policy.{backend}.enabled", False) and int(cp) > 1:
+            raise ValueError(
+                f"loss_fn controls {any_entropy} need the full-vocabulary entropy, computed from whole sequences on "
+                f"each rank: policy.{backend}.context_parallel_size={cp} is not supported with them (use 1)")
 
 
 # ----------------------------------------------------------------------------------------------- wrapping
