@@ -66,6 +66,8 @@ class LossRecorder:
     def __call__(self, *args: Any, **kwargs: Any):
         loss, metrics = self.loss_fn(*args, **kwargs)
         data = kwargs["data"]
+        if type(self.loss_fn).__name__ == "OldEntropyProbe":  # the driver's eval-mode entropy pass: no loss
+            return loss, metrics
         if "next_token_logprobs" in kwargs:  # LogprobInput: log-probs computed by NeMo-RL's prepare_loss_input
             curr, entropy = kwargs["next_token_logprobs"].detach().float(), None
         else:  # LOGIT input: the loss got raw logits
@@ -88,6 +90,8 @@ class LossRecorder:
             "uids": opt(batch_keys.TOKEN_UIDS),
             "step": opt(batch_keys.STEP, cut=False),
             "plan_step": opt(f"{PLAN_PREFIX}.step", cut=False),
+            "old_entropy": opt(batch_keys.OLD_ENTROPY),
+            "kept": opt(f"{PLAN_PREFIX}.top_entropy.kept:bool"),
             "gvt": float(kwargs["global_valid_toks"]),
             "gvs": float(kwargs["global_valid_seqs"]),
             "metrics": {k: float(v) for k, v in metrics.items()},

@@ -49,6 +49,8 @@ LOSS_SECTIONS: dict[str, dict[str, Any]] = {
     "kl_cov": {"method": "kl_cov", "kl_cov_ratio": 0.25, "kl_cov_coef": 1.0},
     # lb = 0 makes roughly half of the tokens candidates, so the random subset is a real draw (seeded, per step).
     "clip_cov": {"method": "clip_cov", "clip_cov_ratio": 0.2, "clip_cov_lb": 0.0, "clip_cov_ub": 5.0, "seed": 11},
+    # needs the old policy's entropy: the driver's eval-mode pass through NeMo-RL's training loop
+    "top_entropy": {"method": "top_entropy", "top_entropy_quantile": 0.2},
 }
 NEMO_RL_OPTIONS = {"selection": "driver", "input_type": "logprob"}
 """Our ``nemo_rl:`` section (defaults of a run), as the run entry passes it to ``install``."""

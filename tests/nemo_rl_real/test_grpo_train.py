@@ -200,3 +200,37 @@ def test_in_worker_selection_with_dp2_is_the_step_selection_or_refused(harness):
                 mismatches.append(f"step {t}: train/{name} = {got:.6g}, the whole-step selection gives "
                                   f"{expected[name]:.6g}")
     assert not mismatches, "in-worker selection on DP 2 is not the step's selection:\n" + "\n".join(mismatches)
+
+
+# ----------------------------------------------------------------------------------------------- old entropy
+OLD_ENTROPY_RUN = RunSpec("top_entropy", True, 2, max_steps=3, input_type="logit")
+
+
+def test_old_entropy_pass_and_top_entropy_inside_nemo_rl(harness):
+    """``top_entropy`` needs the old policy's per-token entropy before the step: the driver gets it from one
+    eval-mode pass of NeMo-RL's own training loop (OldEntropyProbe through its loss wrappers, packing on, DP 2).
+    At each rollout's first optimizer step the weights are still those of that pass, so the attached
+    ``entropy_old`` must equal the entropy of the logits the loss receives there (independently recomputed by the
+    recorder from raw logits), and the kept tokens must be the top ceil(0.2 N) of the whole step by it."""
+    from nemo_entropy.controls.top_entropy import kept_count
+
+    run = harness.run(OLD_ENTROPY_RUN)
+    # each rollout: the eval-mode entropy pass (no loss records), then the training call
+    training = [c for c in run.train_calls if c.records]
+    assert len(run.train_calls) == 2 * OLD_ENTROPY_RUN.max_steps and len(training) == OLD_ENTROPY_RUN.max_steps
+    for t, call in enumerate(training, start=1):
+        first = [r for r in call.records if not r["dummy"] and r["global_batch"] == 0]
+        assert {r["dp_rank"] for r in first} == {0, 1}
+        for r in first:
+            assert r["old_entropy"] is not None and r["kept"] is not None
+            valid = r["mask"]
+            torch.testing.assert_close(r["old_entropy"][valid], r["entropy"][valid], rtol=1e-4, atol=1e-5)
+        # the whole step's kept set, against a brute-force sort of its old entropy (ties: smaller uid first)
+        uids = torch.cat([r["uids"][r["mask"]] for r in first])
+        entropy = torch.cat([r["old_entropy"][r["mask"]] for r in first]).double()
+        kept = torch.cat([r["kept"][r["mask"]] for r in first])
+        k = kept_count(0.2, int(uids.numel()))
+        order = sorted(range(len(uids)), key=lambda i: (-float(entropy[i]), int(uids[i])))
+        want = torch.zeros(len(uids), dtype=torch.bool)
+        want[order[:k]] = True
+        assert torch.equal(kept, want), f"rollout {t}: kept tokens differ from the step's top {k} by old entropy"
