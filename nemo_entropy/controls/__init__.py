@@ -36,6 +36,18 @@ class ControlSet:
     def needs(self) -> frozenset[str]:
         return frozenset().union(*(c.needs for c in self.controls))
 
+    def logit_values(self, logits_shard, *, tp_group=None, vocab_start: int = 0, vocab_size=None) -> dict:
+        """``{control name: its per-token values}`` from the current logits shard, for the controls that need
+        ``logits`` (see :meth:`Control.logit_values`); pass the result to ``policy_loss(..., logit_values=...)``."""
+        width = logits_shard.shape[-1]
+        if vocab_size is None:
+            from ..parallel import group_world_size
+
+            vocab_size = width * group_world_size(tp_group)
+        return {c.name: c.logit_values(logits_shard, tp_group=tp_group, vocab_start=vocab_start,
+                                       vocab_size=vocab_size)
+                for c in self.controls if "logits" in c.needs}
+
     @property
     def needs_step_plan(self) -> bool:
         """Whether a micro-batch needs the step's plan (else it can plan over its own call)."""

@@ -15,7 +15,8 @@ module globals, and ``examples/run_grpo.py`` dispatches to a training entry (``g
    NeMo-RL checkpoint and restored from the one NeMo-RL resumes from;
 3. checks, before any GPU work, the configurations the plugin cannot serve and refuses them by name
    (:func:`check_nemo_rl_run_config`): the data plane (``grpo_train_sync`` never shows the driver the batch),
-   in-worker selection with packing or dynamic batching, LOGIT input with fused linear log-probs or top-k/top-p.
+   in-worker selection with packing or dynamic batching, LOGIT input with fused linear log-probs or top-k/top-p,
+   LOGPROB input with controls that need the current logits.
 
 NeMo-RL's interfaces come in two generations, both handled here: ``MasterConfig`` a ``TypedDict`` (<= v0.6, read
 by key) or a pydantic model (v0.7, main; read by attribute), ``GRPOSaveState`` a ``TypedDict`` (<= v0.7) or a
@@ -138,6 +139,7 @@ def check_nemo_rl_run_config(config: Mapping[str, Any], options: Optional[Mappin
     ``master_config`` they receive, so a user's own script is checked too.
     """
     options = nemo_rl_options(options)
+    _check_controls_input(config, options)
     if _get(config, "data_plane.enabled", False):
         raise ValueError(
             "data_plane.enabled=true (NeMo-RL's grpo_train_sync over TransferQueue) is not supported: that trainer "
@@ -184,6 +186,23 @@ def check_nemo_rl_run_config(config: Mapping[str, Any], options: Optional[Mappin
                 f"policy.generation.top_p={top_p!r}: NeMo-RL filters top-k/top-p only on the LOGPROB path, so the "
                 "ratio would mix filtered old log-probs with unfiltered current ones; use nemo_rl.input_type='logprob'"
             )
+
+
+def _check_controls_input(config: Mapping[str, Any], options: Mapping[str, Any]) -> None:
+    """Controls that read the current logits (an entropy bonus's gradient, AEnt's clamped entropy) need NeMo-RL's
+    LOGIT input; refuse LOGPROB naming both keys, before any GPU work."""
+    if options["input_type"] == "logit" or not isinstance(config.get("loss_fn"), Mapping):
+        return
+    from ..controls import ControlSet
+    from .nemo_rl import loss_config_from_nemo_rl
+
+    loss = loss_config_from_nemo_rl(config["loss_fn"])
+    needing = [c.name for c in ControlSet(loss) if c.needs & {"entropy", "logits"}]
+    if needing:
+        raise ValueError(
+            f"loss_fn.method={loss.method!r} / loss_fn.controls={list(loss.controls)}: controls {needing} need the "
+            f"current logits (the full-vocabulary entropy with its gradient, or values computed from the logits), but "
+            f"nemo_rl.input_type={options['input_type']!r} hands the loss log-probs only: set nemo_rl.input_type=logit")
 
 
 # ----------------------------------------------------------------------------------------------- wrapping
