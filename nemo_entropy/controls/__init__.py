@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .base import Control, ControlConfig, TokenBatch
 from .clip_cov import ClipCov
+from .entropy_bonus import EntropyBonus
 from .kl_cov import KLCov
 from .ppo import PPO
 
@@ -16,6 +17,7 @@ REGISTRY: dict[str, type[Control]] = {cls.name: cls for cls in (
     PPO,
     ClipCov,
     KLCov,
+    EntropyBonus,
 )}
 """Every control by name, in the order their plans are built and their per-token changes applied."""
 
