@@ -19,8 +19,9 @@ from .test_engine import _crash_at, _Killed, read, tiny_overrides, without_timin
 
 CONTROLS = {  # name -> (a key of its local config, the metrics it logs)
     "entropy_bonus": ("entropy_coef", ("entropy_loss", "entropy_coef")),
+    "adaptive_entropy": ("entropy_target", ("entropy_loss", "entropy_coef", "entropy_target")),
 }
-STATE_KEY = {}
+STATE_KEY = {"adaptive_entropy": "entropy_coef"}
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,29 @@ def _check_records(name, records):
         assert keys.index("entropy_target") > keys.index("entropy_mean")
         target = records[1]["entropy_target"]  # a per-step constant, summed as token shares: exact to float64
         assert all(r["entropy_target"] == pytest.approx(target, rel=1e-12) for r in records[1:])
+
+
+@pytest.mark.parametrize("name", sorted(STATE_KEY))
+def test_kill_and_resume_equals_the_uninterrupted_run(name, tmp_path, cache_dir):
+    config = f"local_{name}"
+    reference = run_local(compose_config(config, tiny_overrides(tmp_path / "a", cache_dir, steps=5,
+                                                                extra=["checkpointing.save_period=2"])))
+    records = read(reference["metrics_path"])
+    _check_records(name, records)
+    overrides = tiny_overrides(tmp_path / "b", cache_dir, steps=5, extra=["checkpointing.save_period=2"])
+    with pytest.raises(_Killed):  # killed after step 3 was logged; the last complete checkpoint is step 2
+        run_local(compose_config(config, overrides), _after_step=_crash_at(3))
+    resumed = run_local(compose_config(config, overrides))
+    assert resumed["resumed_from"] == 2
+    assert without_timing(read(resumed["metrics_path"])) == without_timing(records)
+    states = []
+    for run in ("a", "b"):
+        _, path = latest_complete_checkpoint(str(tmp_path / run / "checkpoints"))
+        states.append(_controls_state(path))
+    assert states[0] == states[1] and set(states[0]) == {name}
+    assert set(states[0][name]) == {STATE_KEY[name]}
+    # The state moved during the run (the test would not see a lost update otherwise).
+    assert len({r.get("entropy_coef", r.get("entropy_pi_control")) for r in records[1:]}) > 1
 
 
 def _controls_state(path):

@@ -27,6 +27,8 @@ MICRO_BATCH_SIZES = (1, 2, 8)
 EMPTY = (0, 4, 8, 12)  # samples without a valid token (rank 3 holds exactly these in dp4_empty_rank)
 CONFIGS = {
     "entropy_bonus": {"method": "entropy_bonus", "entropy_coef": 0.3},
+    "adaptive_entropy": {"method": "adaptive_entropy", "entropy_coef": 0.2, "entropy_target": 1.2,
+                         "entropy_coef_delta": 0.05},
 }
 
 

@@ -22,8 +22,9 @@ from .test_integrations_nemo_rl import B, D, _batch, _counts, _slice
 
 CONFIGS = {
     "entropy_bonus": {"method": "entropy_bonus", "entropy_coef": 0.3},
+    "adaptive_entropy": {"method": "adaptive_entropy", "entropy_coef": 0.2, "entropy_target": 10.0},
 }
-NEEDS_LOGITS = ("entropy_bonus",)
+NEEDS_LOGITS = ("entropy_bonus", "adaptive_entropy")
 
 
 # ----------------------------------------------------------------------------------------------- run configs
@@ -119,3 +120,28 @@ def test_adapter_with_the_attached_plan_and_logit_input_matches_float64(name):
         if key in metrics:
             assert summed[key] == pytest.approx(metrics[key], rel=1e-6, abs=1e-9), key
             assert fn.metric_normalizations[key].value in ("tokens", "sequences")
+
+
+@pytest.mark.parametrize("name", ["adaptive_entropy"])
+def test_driver_controls_advance_once_per_optimizer_step_and_the_plan_carries_each_steps_value(name):
+    _, data = _nemo_rl_batch(seed=62)
+    moving = {"adaptive_entropy": {"entropy_target": 0.5}, "aent": {"aent_entropy_high": 0.6}}.get(name, {})
+    cfg = loss_config({**CONFIGS[name], "reference_policy_kl_penalty": 0.0, **moving})  # the state must move
+    driver = ControlSet(cfg)
+    steps = attach_batch_selection(data, cfg, train_global_batch_size=4, first_step=10, controls=driver)
+    assert steps == 2
+    mirror = ControlSet(cfg)  # the same two steps, planned and updated one by one
+    from nemo_entropy.plan import StepInputs, build_step_plan
+
+    for j, rows in enumerate((slice(0, 4), slice(4, 8))):
+        attached = plan_from_batch(_slice(data, rows), global_valid_tokens=1, global_valid_seqs=1)
+        mask = (data["token_mask"][rows, 1:] * data["sample_mask"][rows, None]) != 0
+        plan = build_step_plan(cfg, StepInputs(data["prev_logprobs"][rows, 1:], data["advantages"][rows, 1:], mask,
+                                               data[batch_keys.TOKEN_UIDS][rows, 1:],
+                                               old_entropy=data[batch_keys.OLD_ENTROPY][rows, 1:]),
+                               step=10 + j, controls=mirror)
+        assert attached.step == 10 + j
+        for key, value in plan.values[name].items():
+            assert attached.values[name][key] == pytest.approx(value, abs=1e-12), (j, key)
+        mirror.update(plan)
+    assert driver.state_dict() == mirror.state_dict() and driver.state_dict() != ControlSet(cfg).state_dict()

@@ -7,6 +7,7 @@ changes: the config, the plan builder, the loss, the engine and the NeMo-RL adap
 
 from __future__ import annotations
 
+from .adaptive_entropy import AdaptiveEntropy
 from .base import Control, ControlConfig, TokenBatch
 from .clip_cov import ClipCov
 from .entropy_bonus import EntropyBonus
@@ -18,6 +19,7 @@ REGISTRY: dict[str, type[Control]] = {cls.name: cls for cls in (
     ClipCov,
     KLCov,
     EntropyBonus,
+    AdaptiveEntropy,
 )}
 """Every control by name, in the order their plans are built and their per-token changes applied."""
 
