@@ -20,8 +20,9 @@ from .test_engine import _crash_at, _Killed, read, tiny_overrides, without_timin
 CONTROLS = {  # name -> (a key of its local config, the metrics it logs)
     "entropy_bonus": ("entropy_coef", ("entropy_loss", "entropy_coef")),
     "adaptive_entropy": ("entropy_target", ("entropy_loss", "entropy_coef", "entropy_target")),
+    "aent": ("aent_coef_lr", ("entropy_loss", "entropy_coef", "entropy_clamped", "entropy_target")),
 }
-STATE_KEY = {"adaptive_entropy": "entropy_coef"}
+STATE_KEY = {"adaptive_entropy": "entropy_coef", "aent": "aent_coef"}
 
 
 @pytest.fixture(scope="module")

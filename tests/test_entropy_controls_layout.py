@@ -29,6 +29,8 @@ CONFIGS = {
     "entropy_bonus": {"method": "entropy_bonus", "entropy_coef": 0.3},
     "adaptive_entropy": {"method": "adaptive_entropy", "entropy_coef": 0.2, "entropy_target": 1.2,
                          "entropy_coef_delta": 0.05},
+    "aent": {"method": "aent", "aent_coef": 0.2, "aent_clamp": 0.3, "aent_entropy_low": 1.1, "aent_entropy_high": 1.3,
+             "aent_coef_lr": 0.1, "aent_coef_box_high": 0.5},
 }
 
 
@@ -95,7 +97,7 @@ REPLICA_SETS = {  # the ranks whose samples together form the batch once (and th
 
 def test_entropy_controls_do_not_depend_on_the_layout():
     per_rank = run_distributed(4, _scenario)
-    assert per_rank[3][("dp4_empty_rank", "entropy_bonus")]["samples"] == list(EMPTY)
+    assert per_rank[3][("dp4_empty_rank", "aent")]["samples"] == list(EMPTY)
     checked = 0
     for name, cfg in CONFIGS.items():
         ref = run_layout(cfg, list(range(BATCH)), None)

@@ -23,8 +23,9 @@ from .test_integrations_nemo_rl import B, D, _batch, _counts, _slice
 CONFIGS = {
     "entropy_bonus": {"method": "entropy_bonus", "entropy_coef": 0.3},
     "adaptive_entropy": {"method": "adaptive_entropy", "entropy_coef": 0.2, "entropy_target": 10.0},
+    "aent": {"method": "aent", "aent_coef": 0.2, "aent_clamp": 0.3, "aent_coef_box_high": 0.5},
 }
-NEEDS_LOGITS = ("entropy_bonus", "adaptive_entropy")
+NEEDS_LOGITS = ("entropy_bonus", "adaptive_entropy", "aent")
 
 
 # ----------------------------------------------------------------------------------------------- run configs
@@ -122,7 +123,7 @@ def test_adapter_with_the_attached_plan_and_logit_input_matches_float64(name):
             assert fn.metric_normalizations[key].value in ("tokens", "sequences")
 
 
-@pytest.mark.parametrize("name", ["adaptive_entropy"])
+@pytest.mark.parametrize("name", ["adaptive_entropy", "aent"])
 def test_driver_controls_advance_once_per_optimizer_step_and_the_plan_carries_each_steps_value(name):
     _, data = _nemo_rl_batch(seed=62)
     moving = {"adaptive_entropy": {"entropy_target": 0.5}, "aent": {"aent_entropy_high": 0.6}}.get(name, {})
@@ -145,3 +146,13 @@ def test_driver_controls_advance_once_per_optimizer_step_and_the_plan_carries_ea
             assert attached.values[name][key] == pytest.approx(value, abs=1e-12), (j, key)
         mirror.update(plan)
     assert driver.state_dict() == mirror.state_dict() and driver.state_dict() != ControlSet(cfg).state_dict()
+
+
+def test_a_control_that_needs_the_logits_refuses_a_logprob_call():
+    _, data = _nemo_rl_batch(seed=63)
+    attach_batch_selection(data, loss_config(CONFIGS["aent"]), train_global_batch_size=B, first_step=0)
+    gvs, gvt = _counts(data)
+    lp = data["prev_logprobs"][:, 1:].float()
+    with pytest.raises(RuntimeError, match=r"\['aent'\] compute values from the logits shard"):
+        EntropyControlLossFn(CONFIGS["aent"], input_type="logit")(data=data, global_valid_seqs=gvs,
+                                                                  global_valid_toks=gvt, next_token_logprobs=lp)

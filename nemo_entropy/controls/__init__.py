@@ -8,6 +8,7 @@ changes: the config, the plan builder, the loss, the engine and the NeMo-RL adap
 from __future__ import annotations
 
 from .adaptive_entropy import AdaptiveEntropy
+from .aent import AEnt
 from .base import Control, ControlConfig, TokenBatch
 from .clip_cov import ClipCov
 from .entropy_bonus import EntropyBonus
@@ -20,6 +21,7 @@ REGISTRY: dict[str, type[Control]] = {cls.name: cls for cls in (
     KLCov,
     EntropyBonus,
     AdaptiveEntropy,
+    AEnt,
 )}
 """Every control by name, in the order their plans are built and their per-token changes applied."""
 
