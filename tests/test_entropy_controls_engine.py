@@ -21,8 +21,9 @@ CONTROLS = {  # name -> (a key of its local config, the metrics it logs)
     "entropy_bonus": ("entropy_coef", ("entropy_loss", "entropy_coef")),
     "adaptive_entropy": ("entropy_target", ("entropy_loss", "entropy_coef", "entropy_target")),
     "aent": ("aent_coef_lr", ("entropy_loss", "entropy_coef", "entropy_clamped", "entropy_target")),
+    "entropy_pi": ("entropy_pi_target", ("entropy_target", "entropy_pi_control", "entropy_pi_integral")),
 }
-STATE_KEY = {"adaptive_entropy": "entropy_coef", "aent": "aent_coef"}
+STATE_KEY = {"adaptive_entropy": "entropy_coef", "aent": "aent_coef", "entropy_pi": "integral"}
 
 
 @pytest.fixture(scope="module")

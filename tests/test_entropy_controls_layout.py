@@ -31,6 +31,8 @@ CONFIGS = {
                          "entropy_coef_delta": 0.05},
     "aent": {"method": "aent", "aent_coef": 0.2, "aent_clamp": 0.3, "aent_entropy_low": 1.1, "aent_entropy_high": 1.3,
              "aent_coef_lr": 0.1, "aent_coef_box_high": 0.5},
+    "entropy_pi": {"method": "entropy_pi", "entropy_pi_target": 1.2, "entropy_pi_ki": 0.5,
+                   "entropy_pi_prob_threshold": 0.3},
 }
 
 

@@ -24,6 +24,7 @@ CONFIGS = {
     "entropy_bonus": {"method": "entropy_bonus", "entropy_coef": 0.3},
     "adaptive_entropy": {"method": "adaptive_entropy", "entropy_coef": 0.2, "entropy_target": 10.0},
     "aent": {"method": "aent", "aent_coef": 0.2, "aent_clamp": 0.3, "aent_coef_box_high": 0.5},
+    "entropy_pi": {"method": "entropy_pi", "entropy_pi_target": 3.0, "entropy_pi_prob_threshold": 0.2},
 }
 NEEDS_LOGITS = ("entropy_bonus", "adaptive_entropy", "aent")
 
@@ -123,7 +124,7 @@ def test_adapter_with_the_attached_plan_and_logit_input_matches_float64(name):
             assert fn.metric_normalizations[key].value in ("tokens", "sequences")
 
 
-@pytest.mark.parametrize("name", ["adaptive_entropy", "aent"])
+@pytest.mark.parametrize("name", ["adaptive_entropy", "aent", "entropy_pi"])
 def test_driver_controls_advance_once_per_optimizer_step_and_the_plan_carries_each_steps_value(name):
     _, data = _nemo_rl_batch(seed=62)
     moving = {"adaptive_entropy": {"entropy_target": 0.5}, "aent": {"aent_entropy_high": 0.6}}.get(name, {})

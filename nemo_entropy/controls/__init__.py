@@ -12,6 +12,7 @@ from .aent import AEnt
 from .base import Control, ControlConfig, TokenBatch
 from .clip_cov import ClipCov
 from .entropy_bonus import EntropyBonus
+from .entropy_pi import EntropyPI
 from .kl_cov import KLCov
 from .ppo import PPO
 
@@ -22,6 +23,7 @@ REGISTRY: dict[str, type[Control]] = {cls.name: cls for cls in (
     EntropyBonus,
     AdaptiveEntropy,
     AEnt,
+    EntropyPI,
 )}
 """Every control by name, in the order their plans are built and their per-token changes applied."""
 
