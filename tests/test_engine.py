@@ -229,3 +229,11 @@ def test_sigusr1_requests_preemption_at_the_step_boundary(tmp_path, cache_dir):
     assert [r["step"] for r in read(tmp_path / "s" / "metrics.jsonl")] == [0, 1, 2]
     assert os.path.exists(tmp_path / "s" / "checkpoints" / "step_0000002" / "COMPLETE")
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL      # handlers restored
+
+
+def test_control_keys_of_a_local_config_reach_the_loss():
+    """Each control's keys live in its own config section; the engine must hand them to the loss, not drop them."""
+    settings = validate_engine_config(compose_config("local_kl_cov", ["loss_fn.kl_cov_ratio=0.05",
+                                                                      "loss_fn.clip_cov_ub=4.0"]))
+    assert settings.loss_fn["kl_cov_ratio"] == 0.05 and settings.loss_fn["clip_cov_ub"] == 4.0
+    assert settings.dropped_loss_keys == ()

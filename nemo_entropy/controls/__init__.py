@@ -7,9 +7,13 @@ changes: the config, the plan builder, the loss, the engine and the NeMo-RL adap
 
 from __future__ import annotations
 
+from .adaptive_entropy import AdaptiveEntropy
+from .aent import AEnt
 from .base import Control, ControlConfig, TokenBatch
 from .clip_cov import ClipCov
 from .entropy_advantage import EntropyAdvantage
+from .entropy_bonus import EntropyBonus
+from .entropy_pi import EntropyPI
 from .gppo import GPPO
 from .kl_cov import KLCov
 from .ppo import PPO
@@ -24,6 +28,10 @@ REGISTRY: dict[str, type[Control]] = {cls.name: cls for cls in (
     WReinforce,
     GPPO,
     EntropyAdvantage,
+    EntropyBonus,
+    AdaptiveEntropy,
+    AEnt,
+    EntropyPI,
 )}
 """Every control by name, in the order their plans are built and their per-token changes applied."""
 
@@ -43,6 +51,18 @@ class ControlSet:
     @property
     def needs(self) -> frozenset[str]:
         return frozenset().union(*(c.needs for c in self.controls))
+
+    def logit_values(self, logits_shard, *, tp_group=None, vocab_start: int = 0, vocab_size=None) -> dict:
+        """``{control name: its per-token values}`` from the current logits shard, for the controls that need
+        ``logits`` (see :meth:`Control.logit_values`); pass the result to ``policy_loss(..., logit_values=...)``."""
+        width = logits_shard.shape[-1]
+        if vocab_size is None:
+            from ..parallel import group_world_size
+
+            vocab_size = width * group_world_size(tp_group)
+        return {c.name: c.logit_values(logits_shard, tp_group=tp_group, vocab_start=vocab_start,
+                                       vocab_size=vocab_size)
+                for c in self.controls if "logits" in c.needs}
 
     @property
     def needs_step_plan(self) -> bool:

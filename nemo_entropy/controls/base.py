@@ -10,11 +10,21 @@ The life of a control over one optimizer step (the data flow of the README's arc
    Collectives happen only through the context, inside :func:`nemo_entropy.plan.build_step_plan`.
 2. **per micro-batch**, no collective: :meth:`shape_advantages` (before the surrogate), :meth:`surrogate` (at
    most one active control owns the surrogate; PPO's clipped surrogate otherwise), :meth:`adjust` (a per-token
-   weight on the surrogate and/or an additive per-token term), :meth:`metrics` (values pre-divided by the global
-   count, so they sum over micro-batches and ranks; ``*_min`` / ``*_max`` combine with min / max).
+   weight on the surrogate and/or an additive per-token term, normalised like the surrogate: token mean over the
+   step, or mean of sequence means with ``token_level_loss: false``), :meth:`metrics` (values pre-divided by the
+   global count, so they sum over micro-batches and ranks; ``*_min`` / ``*_max`` combine with min / max).
+   A control that needs more than the entropy from the current logits (``needs`` ``logits``) computes it in
+   :meth:`logit_values` from the logits shard, where the caller (the engine's scoring pass, the NeMo-RL adapter's
+   LOGIT input) has it; the loss hands the result back in :attr:`TokenBatch.logit_values`.
 3. **after the step** (:meth:`update`): a stateful control updates its state from the step's plan, whose values
    are globally reduced, so every rank holds the same state; :meth:`state_dict` / :meth:`load_state_dict` are
    checkpointed by the engine and, on the NeMo-RL path, by the driver.
+
+**Per-step constants in metrics.** Metrics are *summed* over micro-batches and ranks (NeMo-RL and the engine both
+do), so a per-step constant ``c`` (a coefficient, a target) is reported as its token share
+:meth:`TokenBatch.step_constant` = ``c x (this micro-batch's valid tokens) / (the step's valid tokens)`` (what
+``tokens.token_sum(torch.full_like(tokens.logprobs, c))`` gives, in float64): the shares add up to ``c`` over the
+step whatever the layout (0 for a step without valid tokens), and NeMo-RL's normaliser for it is ``tokens``.
 
 A control's config section is a frozen dataclass of flat ``loss_fn`` keys (named as verl / TRL name them) with
 their defaults and docstrings; :func:`nemo_entropy.config.loss_config` validates it (types generically, ranges
@@ -77,16 +87,36 @@ class TokenBatch:
     input_advantages: Optional[torch.Tensor] = None
     """The advantages as the batch carried them, before any control's :meth:`Control.shape_advantages` replaced
     ``advantages`` (a sign or a metric that must not depend on another control's shaping); defaults to them."""
+    logit_values: Mapping[str, Mapping[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    """Per control that needs ``logits``: the per-token tensors its :meth:`Control.logit_values` computed from the
+    current logits (with their gradient), zero on masked positions."""
 
     def __post_init__(self) -> None:
         if self.input_advantages is None:
             self.input_advantages = self.advantages
 
     def token_sum(self, values: torch.Tensor) -> torch.Tensor:
-        """``sum(values * mask) / global_valid_tokens``: a summable per-token mean (metrics, extra terms)."""
+        """``sum(values * mask) / global_valid_tokens``: a summable per-token mean (metrics, extra terms, and
+        per-step constants as token shares, see the module doc)."""
         from ..losses.normalization import global_token_sum
 
         return global_token_sum(values, self.mask, self.global_valid_tokens)
+
+    def step_constant(self, value: float) -> float:
+        """A per-step constant as this micro-batch's token share (module doc): ``value x n / N`` in float64, so
+        the shares of the step's micro-batches and ranks sum to ``value`` up to float64 rounding."""
+        total = float(self.global_valid_tokens)
+        return float(value) * float(self.mask.sum()) / (total if total > 0 else 1.0)
+
+    def loss_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` normalised exactly like the loss (token mean over the step, or the sum of per-sequence means
+        over the step's sequences with ``token_level_loss: false``): the share of an additive per-token term in
+        this micro-batch's loss, summable over micro-batches and ranks."""
+        from ..losses.normalization import reduce_per_token
+
+        return reduce_per_token(values, self.mask, token_level=self.config.token_level_loss,
+                                global_valid_tokens=self.global_valid_tokens,
+                                global_valid_seqs=self.global_valid_seqs)
 
 
 class Control:
@@ -99,8 +129,10 @@ class Control:
     """Exclusive groups: two active controls sharing one cannot be composed (two covariance selections, two
     owners of the surrogate, two entropy bonuses); the config rejects the pair by name."""
     needs: ClassVar[frozenset[str]] = frozenset()
-    """What the control reads: ``old_entropy`` (per-token entropy of the generating policy, in the plan) and/or
-    ``entropy`` (the current full-vocabulary entropy with its gradient, per micro-batch: NeMo-RL LOGIT input)."""
+    """What the control reads: ``old_entropy`` (per-token entropy of the generating policy, in the plan),
+    ``entropy`` (the current full-vocabulary entropy with its gradient, per micro-batch: NeMo-RL LOGIT input) and/or
+    ``logits`` (per-token values the control computes from the current logits shard in :meth:`logit_values`, with
+    their gradient: NeMo-RL LOGIT input)."""
     needs_ppo_ratio: ClassVar[bool] = False
     """True when the control is defined on the PPO ratio (incompatible with ``disable_ppo_ratio`` / CISPO)."""
     selects_tokens: ClassVar[bool] = False
@@ -127,6 +159,15 @@ class Control:
         """After the step, from its (globally agreed) plan: same input on every rank, same new state."""
 
     # ------------------------------------------------------------------ per micro-batch (no collective)
+    def logit_values(self, logits_shard: torch.Tensor, *, tp_group, vocab_start: int,
+                     vocab_size: int) -> dict[str, torch.Tensor]:
+        """Per-token tensors (shape ``logits_shard.shape[:-1]``, differentiable) computed from the current logits:
+        ``logits_shard`` is this rank's ``[..., V_local]`` vocabulary shard (already divided by the sampling
+        temperature) starting at global id ``vocab_start``, ``vocab_size`` the unpadded vocabulary, ``tp_group``
+        the vocab-parallel group (TP collectives only, never a token-group one). Called only when ``logits`` is in
+        :attr:`needs`."""
+        return {}
+
     def shape_advantages(self, tokens: TokenBatch, values: Mapping[str, Any]) -> Optional[torch.Tensor]:
         """New per-token advantages before the surrogate, or None."""
         return None
@@ -141,11 +182,8 @@ class Control:
         return None, None
 
     def metrics(self, tokens: TokenBatch, values: Mapping[str, Any]) -> dict[str, float]:
-        """Metrics of this micro-batch, pre-divided so that they sum over micro-batches and ranks.
-
-        A per-step constant ``c`` (a threshold, a coefficient) is reported as the token share
-        ``tokens.token_sum(c * ones)``: each micro-batch contributes ``c`` times its share of the step's valid tokens,
-        so the sum over micro-batches and ranks is ``c`` (0 for a step without valid tokens)."""
+        """Metrics of this micro-batch, pre-divided so that they sum over micro-batches and ranks; a per-step
+        constant (a threshold, a coefficient) as :meth:`TokenBatch.step_constant` (module doc)."""
         return {}
 
     def metric_normalizations(self) -> dict[str, str]:

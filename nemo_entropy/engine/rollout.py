@@ -59,20 +59,26 @@ def generate(
 
 
 def score(
-    policy: TinyPolicy, prompts: torch.Tensor, responses: torch.Tensor, *, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+    policy: TinyPolicy, prompts: torch.Tensor, responses: torch.Tensor, *, temperature: float, logit_values=None
+):
     """Full-vocabulary entropy and log-probs of the response tokens, both [batch, response_length].
 
     Differentiable (the training forward uses it too). Logits are divided by the sampling temperature so
-    the log-probs are those of the distribution the tokens were drawn from.
+    the log-probs are those of the distribution the tokens were drawn from. With ``logit_values`` (a
+    ``ControlSet.logit_values``-like function of the logits shard and its geometry) it also returns what that
+    function computes from the same shard: ``(entropy, logprobs, values)``.
     """
     inputs = torch.cat([prompts, responses[:, :-1]], dim=1)
     hidden = policy.hidden_states(inputs)[:, prompts.shape[1] - 1 :]
     shard = policy.logits_shard(hidden)
     if temperature != 1.0:
         shard = shard / temperature
-    return vocab_parallel_entropy_and_logprobs(shard, responses, groups=policy.tp_group,
-                                               vocab_start=policy.vocab_start, vocab_size=policy.vocab_size)
+    entropy, logprobs = vocab_parallel_entropy_and_logprobs(shard, responses, groups=policy.tp_group,
+                                                            vocab_start=policy.vocab_start, vocab_size=policy.vocab_size)
+    if logit_values is None:
+        return entropy, logprobs
+    return entropy, logprobs, logit_values(shard, tp_group=policy.tp_group, vocab_start=policy.vocab_start,
+                                           vocab_size=policy.vocab_size)
 
 
 def group_advantages(

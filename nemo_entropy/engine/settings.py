@@ -181,11 +181,9 @@ class EngineSettings:
             raise _bad("policy.max_grad_norm", max_grad_norm, "expected a number > 0 or null")
 
         loss_section = dict(_select(raw, "loss_fn", {}) or {})
-        from dataclasses import fields
-
         from nemo_entropy.config import LossConfig
 
-        known = {f.name for f in fields(LossConfig)}
+        known = set(LossConfig().to_dict())  # the core keys and every control's section (kl_cov_ratio, ...)
         dropped = tuple(sorted(k for k in loss_section if k not in known))
         loss_cfg = loss_config({k: v for k, v in loss_section.items() if k in known})
 

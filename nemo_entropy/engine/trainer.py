@@ -216,6 +216,8 @@ class GRPOTrainer:
         per_rank = self.s.train_global_batch_size // self.layout.dp_size
         length = rollout.responses.shape[1]
         wants_entropy = "entropy" in self.controls.needs
+        # Controls that compute their own per-token values from the logits (AEnt's clamped entropy) get the shard.
+        logit_values = self.controls.logit_values if "logits" in self.controls.needs else None
         totals: dict[str, float] = {}
         grad_norms = []
         selected_counts = []
@@ -232,10 +234,11 @@ class GRPOTrainer:
             for start in range(0, per_rank, self.s.train_micro_batch_size):
                 local = slice(start, min(per_rank, start + self.s.train_micro_batch_size))
                 mb = slice(j * per_rank + local.start, j * per_rank + local.stop)
-                entropy, logprobs = self._score(rollout.prompts[mb], rollout.responses[mb])
+                entropy, logprobs, *values = self._score(rollout.prompts[mb], rollout.responses[mb],
+                                                         logit_values=logit_values)
                 loss, metrics = policy_loss(cfg, logprobs, old[local], adv[local], mask[local], plan=plan.rows(local),
                                             entropy=entropy if wants_entropy else None, controls=self.controls,
-                                            token_uids=uids[local])
+                                            token_uids=uids[local], logit_values=values[0] if values else None)
                 loss.backward()
                 accumulate_metrics(step_metrics, metrics)
             grad_norms.append(self._all_reduce_grads())
@@ -253,10 +256,10 @@ class GRPOTrainer:
         totals["optimizer_steps"] = float(self.s.optimizer_steps_per_rollout)
         return totals
 
-    def _score(self, prompts, responses):
+    def _score(self, prompts, responses, logit_values=None):
         from .rollout import score
 
-        return score(self.policy, prompts, responses, temperature=self.s.temperature)
+        return score(self.policy, prompts, responses, temperature=self.s.temperature, logit_values=logit_values)
 
     def _reduce_over_dp(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.layout.dp_group is None:

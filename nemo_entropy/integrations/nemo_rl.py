@@ -188,19 +188,24 @@ class _LossCall:
         return call
 
 
-def logprobs_from_logits(logits, data, tp_rank, tp_group, cp_group, *, find_megatron_groups: bool):
+def logprobs_from_logits(logits, data, tp_rank, tp_group, cp_group, *, find_megatron_groups: bool,
+                         logit_values=None):
     """``(next-token log-probs, full-vocabulary entropy or None)`` per token from NeMo-RL's logits, differentiable.
 
     TP-sharded logits (a DTensor's ``tp`` mesh, Megatron's groups passed or found in ``parallel_state``) go through
     the vocab-parallel kernel. Context-parallel logits (load-balanced chunks) go to NeMo-RL's own CP-aware helper,
     which gives the log-probs only: the entropy is None in that layout.
+
+    With ``logit_values`` (``ControlSet.logit_values``) it returns a third item: what that function computes from the
+    same ``[B, S-1, V_local]`` shard (None in the context-parallel layout).
     """
+    extra = () if logit_values is None else (None,)
     input_ids = data["input_ids"]
     if _is_dtensor(logits):
         mesh = logits.device_mesh
         names = mesh.mesh_dim_names or ()
         if "cp" in names and mesh["cp"].size() > 1 or data.get("seq_index") is not None:
-            return _delegate_to_nemo_rl(logits, data, None, None, None), None
+            return (_delegate_to_nemo_rl(logits, data, None, None, None), None, *extra)
         tp = mesh.get_group("tp") if "tp" in names and mesh["tp"].size() > 1 else None
         local = logits.to_local()
         vocab_start = (0 if tp is None else tp.rank()) * local.shape[-1]
@@ -211,7 +216,7 @@ def logprobs_from_logits(logits, data, tp_rank, tp_group, cp_group, *, find_mega
             if found is not None:
                 tp_group, tp_rank, cp_group = found
         if group_world_size(cp_group) > 1:
-            return _delegate_to_nemo_rl(logits, data, tp_rank, tp_group, cp_group), None
+            return (_delegate_to_nemo_rl(logits, data, tp_rank, tp_group, cp_group), None, *extra)
         local = logits
         vocab_start = (tp_rank or 0) * local.shape[-1] if tp_group is not None else 0
     length = input_ids.shape[1]
@@ -219,7 +224,10 @@ def logprobs_from_logits(logits, data, tp_rank, tp_group, cp_group, *, find_mega
     block = local[:, : length - 1]
     targets = input_ids[:, 1:].to(block.device)
     entropy, logprobs = _entropy_and_logprobs(block, targets, tp_group, vocab_start)
-    return logprobs, entropy
+    if logit_values is None:
+        return logprobs, entropy
+    return logprobs, entropy, logit_values(block, tp_group=tp_group, vocab_start=vocab_start,
+                                           vocab_size=block.shape[-1] * group_world_size(tp_group))
 
 
 def _delegate_to_nemo_rl(logits, data, tp_rank, tp_group, cp_group):
@@ -270,9 +278,10 @@ class EntropyControlLossFn:
             raise ValueError(f"nemo_rl.selection={selection!r} is invalid: allowed 'driver' or 'worker'")
         self.config = loss_config_from_nemo_rl(cfg)
         self.controls = ControlSet(self.config)  # stateless here: the plan carries the values of stateful ones
-        if "entropy" in self.controls.needs and input_type != "logit":
-            raise ValueError(f"loss_fn controls {[c.name for c in self.controls if 'entropy' in c.needs]} need the "
-                             "full-vocabulary entropy with its gradient: set nemo_rl.input_type=logit")
+        needs_logits = [c.name for c in self.controls if c.needs & {"entropy", "logits"}]
+        if needs_logits and input_type != "logit":
+            raise ValueError(f"loss_fn controls {needs_logits} need the current logits (the full-vocabulary entropy "
+                             "with its gradient, or values computed from the logits): set nemo_rl.input_type=logit")
         self.selection = selection
         loss_type, input_enum, normalizer = nemo_rl_enums()
         self.loss_type = loss_type.TOKEN_LEVEL if self.config.token_level_loss else loss_type.SEQUENCE_LEVEL
@@ -306,17 +315,26 @@ class EntropyControlLossFn:
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         """Loss and metrics of one micro-batch; accepts every NeMo-RL calling convention (see module doc)."""
         call = _LossCall.parse(type(self).__name__, args, kwargs)
-        entropy, logprobs = None, call.logprobs
+        entropy, logprobs, values = None, call.logprobs, None
+        wants_logits = "logits" in self.controls.needs
         if logprobs is None:
-            logprobs, entropy = logprobs_from_logits(
+            logprobs, entropy, *values = logprobs_from_logits(
                 call.logits, call.data, call.tp_rank, call.tp_group, call.cp_group,
-                find_megatron_groups=self.input_type.value == "logit")
+                find_megatron_groups=self.input_type.value == "logit",
+                logit_values=self.controls.logit_values if wants_logits else None)
+            values = values[0] if values else None
             if not (self.log_entropy or "entropy" in self.controls.needs):
                 entropy = None
-        return self._loss(logprobs.float(), entropy, call.data, call.global_valid_seqs, call.global_valid_toks)
+        if wants_logits and values is None:
+            raise RuntimeError(
+                f"loss_fn controls {[c.name for c in self.controls if 'logits' in c.needs]} compute values from the "
+                "logits shard, which this call did not provide: they need nemo_rl.input_type=logit and whole sequences "
+                "on each rank (context parallelism > 1 is not supported)")
+        return self._loss(logprobs.float(), entropy, call.data, call.global_valid_seqs, call.global_valid_toks,
+                          logit_values=values)
 
     # ------------------------------------------------------------------ the loss proper
-    def _loss(self, curr, entropy, data, global_valid_seqs, global_valid_toks):
+    def _loss(self, curr, entropy, data, global_valid_seqs, global_valid_toks, logit_values=None):
         cfg = self.config
         token_mask = data["token_mask"][:, 1:]
         sample_mask = data["sample_mask"]
@@ -347,7 +365,8 @@ class EntropyControlLossFn:
             groups = self._groups if self._groups is not None else self._worker_groups()
             step = int(data[batch_keys.STEP].reshape(-1)[0]) if batch_keys.STEP in data else 0
         loss, metrics = policy_loss(
-            cfg, curr, prev, advantages, mask, plan=plan, entropy=entropy, controls=self.controls,
+            cfg, curr, prev, advantages, mask, plan=plan, entropy=entropy, logit_values=logit_values,
+            controls=self.controls,
             global_valid_tokens=gvt, global_valid_seqs=gvs, groups=groups, token_uids=uids, step=step,
             reference_logprobs=reference, generation_logprobs=generation,
             rewards=data.get("rewards") if cfg.positive_example_nll_weight > 0 else None,

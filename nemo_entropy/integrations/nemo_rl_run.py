@@ -16,7 +16,7 @@ module globals, and ``examples/run_grpo.py`` dispatches to a training entry (``g
 3. checks, before any GPU work, the configurations the plugin cannot serve and refuses them by name
    (:func:`check_nemo_rl_run_config`): the data plane (``grpo_train_sync`` never shows the driver the batch),
    in-worker selection with packing or dynamic batching, LOGIT input with fused linear log-probs or top-k/top-p,
-   controls that read an entropy without the logits it comes from (LOGPROB input, context parallelism > 1).
+   controls that read an entropy or logits without them (LOGPROB input, context parallelism > 1).
 
 NeMo-RL's interfaces come in two generations, both handled here: ``MasterConfig`` a ``TypedDict`` (<= v0.6, read
 by key) or a pydantic model (v0.7, main; read by attribute), ``GRPOSaveState`` a ``TypedDict`` (<= v0.7) or a
@@ -139,6 +139,7 @@ def check_nemo_rl_run_config(config: Mapping[str, Any], options: Optional[Mappin
     ``master_config`` they receive, so a user's own script is checked too.
     """
     options = nemo_rl_options(options)
+    _check_controls_inputs(config, options)
     if _get(config, "data_plane.enabled", False):
         raise ValueError(
             "data_plane.enabled=true (NeMo-RL's grpo_train_sync over TransferQueue) is not supported: that trainer "
@@ -177,8 +178,6 @@ def check_nemo_rl_run_config(config: Mapping[str, Any], options: Optional[Mappin
                 f"only when policy.train_micro_batch_size x DP == policy.train_global_batch_size ({mbs} x "
                 f"{data_parallel_size} != {gbs}); use nemo_rl.selection='driver' (exact for any micro-batch size)"
             )
-    if isinstance(config.get("loss_fn"), Mapping):
-        _check_entropy_inputs(config, options)
     if options["input_type"] == "logit":
         if _get(config, "policy.megatron_cfg.enabled", False) and _get(config, "policy.megatron_cfg.use_fused_linear_logprobs", False):
             raise ValueError(
@@ -194,18 +193,23 @@ def check_nemo_rl_run_config(config: Mapping[str, Any], options: Optional[Mappin
             )
 
 
-def _check_entropy_inputs(config: Mapping[str, Any], options: Mapping[str, Any]) -> None:
-    """Controls that read a full-vocabulary entropy (``needs``) get it from logits: refuse the layouts without."""
+def _check_controls_inputs(config: Mapping[str, Any], options: Mapping[str, Any]) -> None:
+    """Controls that read the current logits (an entropy with its gradient, AEnt's clamped entropy) need NeMo-RL's
+    LOGIT input; controls that read any entropy need whole sequences on each rank. Refused naming the keys."""
+    if not isinstance(config.get("loss_fn"), Mapping):
+        return
     from ..controls import ControlSet
     from .nemo_rl import loss_config_from_nemo_rl
 
-    controls = list(ControlSet(loss_config_from_nemo_rl(config["loss_fn"])))
-    current = [c.name for c in controls if "entropy" in c.needs]
+    loss = loss_config_from_nemo_rl(config["loss_fn"])
+    controls = list(ControlSet(loss))
+    current = [c.name for c in controls if c.needs & {"entropy", "logits"}]
     if current and options["input_type"] != "logit":
         raise ValueError(
-            f"loss_fn controls {current} need the current full-vocabulary entropy, which only logits give: set "
-            f"nemo_rl.input_type=logit (it is {options['input_type']!r})")
-    any_entropy = [c.name for c in controls if c.needs & {"entropy", "old_entropy"}]
+            f"loss_fn.method={loss.method!r} / loss_fn.controls={list(loss.controls)}: controls {current} need the "
+            "current full-vocabulary entropy (with its gradient) or values computed from the logits, but "
+            f"nemo_rl.input_type={options['input_type']!r} hands the loss log-probs only: set nemo_rl.input_type=logit")
+    any_entropy = [c.name for c in controls if c.needs & {"entropy", "old_entropy", "logits"}]
     for backend in ("megatron_cfg", "dtensor_cfg"):
         cp = _get(config, f"policy.{backend}.context_parallel_size", 1)
         if any_entropy and _get(config, f"policy.{backend}.enabled", False) and int(cp) > 1:

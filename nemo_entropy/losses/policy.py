@@ -135,6 +135,7 @@ def policy_loss(
     *,
     plan: Optional[StepPlan] = None,
     entropy: Optional[torch.Tensor] = None,
+    logit_values: Optional[dict] = None,
     controls: Optional[ControlSet] = None,
     selected: Optional[torch.Tensor] = None,
     scores: Optional[torch.Tensor] = None,
@@ -162,6 +163,8 @@ def policy_loss(
             collective**, and ``selected`` / ``scores`` / ``global_*`` / ``groups`` are not used.
         entropy: the current full-vocabulary entropy per token, with its gradient, for controls that need it
             (``entropy`` in their ``needs``).
+        logit_values: for controls that need ``logits``: ``controls.logit_values(logits_shard, ...)`` of this
+            micro-batch's current logits (``{control: {name: [batch, length] tensor}}``, with their gradient).
         controls: the stateful controls of the run (their state feeds the plan); default: fresh ones.
 
     Without a plan (a convenience path for one process and for callers that pass ``groups``), the plan is made
@@ -208,6 +211,7 @@ def policy_loss(
     if "entropy" in controls.needs and entropy is None:
         raise ValueError(f"loss_fn controls {[c.name for c in controls if 'entropy' in c.needs]} need the current "
                          "full-vocabulary entropy (`entropy=`; with NeMo-RL: nemo_rl.input_type=logit)")
+    logit_values = _checked_logit_values(controls, logit_values, bool_mask)
     lp = zero_masked(logprobs, bool_mask)
     old = zero_masked(old_logprobs.detach(), bool_mask)
     adv = zero_masked(advantages.detach(), bool_mask)
@@ -233,7 +237,7 @@ def policy_loss(
     tokens = TokenBatch(config=config, logprobs=lp, old_logprobs=old, advantages=adv, mask=bool_mask,
                         log_ratio=log_ratio, ratio=ratio, clamped_ratio=clamped, global_valid_tokens=gvt,
                         global_valid_seqs=gvs, scores=plan.scores, entropy=zero_masked(entropy, bool_mask),
-                        sample_rewards=rewards)
+                        sample_rewards=rewards, logit_values=logit_values)
     per_token, clip_active = per_token_policy_loss(config, tokens, plan, controls)
 
     extra_metrics: dict[str, float] = {}
@@ -246,6 +250,24 @@ def policy_loss(
     if extra_loss is not None:
         loss = loss + extra_loss
     return loss, _metrics(config, plan, controls, tokens, loss, clip_active, extra_metrics)
+
+
+def _checked_logit_values(controls: ControlSet, values: Optional[dict], mask: torch.Tensor) -> dict:
+    """The per-token values of the controls that need ``logits``, checked and zeroed on masked positions."""
+    wanted = [c.name for c in controls if "logits" in c.needs]
+    missing = [name for name in wanted if name not in (values or {})]
+    if missing:
+        raise ValueError(f"loss_fn controls {missing} need values computed from the current logits (`logit_values="
+                         "controls.logit_values(logits_shard, ...)`; with NeMo-RL: nemo_rl.input_type=logit)")
+    out = {}
+    for name in wanted:
+        out[name] = {}
+        for key, tensor in values[name].items():
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(mask.shape):
+                raise ValueError(f"logit_values[{name!r}][{key!r}] must be a tensor of shape {tuple(mask.shape)}, got "
+                                 f"{tuple(getattr(tensor, 'shape', ())) or type(tensor).__name__}")
+            out[name][key] = zero_masked(tensor, mask)
+    return out
 
 
 def _nemo_rl_terms(config, lp, old, mask, reference, generation, rewards, gvt, gvs, metrics):
@@ -304,7 +326,7 @@ def _metrics(config, plan, controls, tokens, loss, clip_active, extra) -> dict[s
                                              / safe_count(plan.global_selected_tokens, plan.scores.float()))
     # The step's diagnostics are per-step values: reported as this micro-batch's token share, they sum to the value.
     for key, value in plan.values.get(DIAGNOSTICS, {}).items():
-        metrics[key] = share(torch.full(mask.shape, float(value), device=mask.device))
+        metrics[key] = tokens.step_constant(value)
     for control in controls:
         metrics.update(control.metrics(tokens, plan.values.get(control.name, {})))
     metrics.update(extra)
