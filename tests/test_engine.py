@@ -16,12 +16,14 @@ from nemo_entropy.engine.rollout import group_advantages
 from nemo_entropy.engine.task import EOS, PAD, AdditionTask, encode_digits, response_mask
 from nemo_entropy.train import compose_config
 
-TIMING_KEYS = {"rollout_time", "train_time", "val_time", "step_time"}
+TIMING_KEYS = {"rollout_time", "train_time", "val_time", "step_time", "pass_at_k_time"}
 
 
-def tiny_overrides(log_dir, cache_dir, *, steps=6, extra=()):
-    """A small, fast run: 8 prompts x 4 generations, 2 optimizer steps per rollout, the default warm start (cached once per module)."""
+def tiny_overrides(log_dir, cache_dir, *, steps=6, extra=(), task="addition"):
+    """A small, fast run: 8 prompts x 4 generations, 2 optimizer steps per rollout, the default warm start (cached
+    once per module). ``task="addition"`` (the engine mechanics tests: 3-token answers) or ``"countdown"``."""
     return [
+        "engine=tiny" if task == "addition" else "engine=countdown",
         f"logger.log_dir={log_dir}",
         f"engine.warm_start.cache_dir={cache_dir}",
         f"grpo.max_num_steps={steps}",
@@ -32,8 +34,10 @@ def tiny_overrides(log_dir, cache_dir, *, steps=6, extra=()):
         "policy.train_micro_batch_size=8",
         "policy.generation_batch_size=32",
         "policy.optimizer.kwargs.lr=3e-4",
-        "engine.warm_start.steps=400",
+        "engine.warm_start.steps=400" if task == "addition" else "engine.warm_start.steps=60",
         "engine.num_val_problems=64",
+        "engine.pass_at_k.num_problems=8",
+        "engine.pass_at_k.num_samples=8",
         "engine.progress_bar=false",
         "engine.plot=false",
         "checkpointing.save_period=3",
@@ -109,14 +113,20 @@ def test_group_advantages_match_float64_reference(leave_one_out):
         ("engine.tp_size=3", "engine.tp_size"),
         ("policy.train_global_batch_size=48", "policy.train_global_batch_size"),
         ("policy.generation.top_p=0.9", "policy.generation.top_p"),
-        ("engine.task.digits=9", "engine.task.digits"),
+        ("engine=tiny engine.task.digits=9", "engine.task.digits"),
+        ("engine.task.digits=2", "engine.task.digits"),             # not a key of the countdown task
+        ("engine.task.numbers=7", "engine.task.numbers"),
+        ("engine.task.ops=+/", "engine.task.ops"),
+        ("engine.pass_at_k.num_samples=0", "engine.pass_at_k.num_samples"),
+        ("engine.pass_at_k.num_problems=-1", "engine.pass_at_k.num_problems"),
+        ("+engine.pass_at_k.k=3", "engine.pass_at_k.k"),
         ("+engine.model.hidden=3", "engine.model.hidden"),
         ("policy.max_total_sequence_length=8", "policy.max_total_sequence_length"),
     ],
 )
 def test_invalid_engine_settings_name_the_key(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        validate_engine_config(compose_config("local_kl_cov", [override]))
+        validate_engine_config(compose_config("local_kl_cov", override.split()))
 
 
 def test_every_local_config_and_the_preset_validate():
@@ -153,10 +163,17 @@ def test_training_improves_reward_and_writes_outputs(tmp_path, cache_dir):
                     "grad_norm"):
             assert isinstance(r[key], float) and math.isfinite(r[key]), (r["step"], key, r.get(key))
         assert 0 < r["selected_fraction"] < 0.2 and r["entropy_p10"] <= r["entropy_mean"] <= r["entropy_p90"]
+        assert r["valid_tokens_per_optimizer_step"] == pytest.approx(r["response_length_mean"] * 16)
     assert os.path.getsize(result["plot_path"]) > 10_000
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(result["tensorboard_dir"]))
     info = json.load(open(log_dir / "run_info.json"))
     assert info["world_size"] == 1 and info["ranks"][0]["pid"] == os.getpid()
+    # pass@k (8 problems x 8 samples) at the last step only, also in run_info and the return value.
+    pass_k = {k: v for k, v in records[-1].items() if k.startswith("pass@")}
+    assert list(pass_k) == ["pass@1", "pass@2", "pass@4", "pass@8"]
+    assert all(0.0 <= a <= b <= 1.0 for a, b in zip(list(pass_k.values()), list(pass_k.values())[1:]))
+    assert not any(k.startswith("pass@") for r in records[:-1] for k in r)
+    assert info["pass_at_k"] == pass_k == result["pass_at_k"]
 
 
 class _Killed(Exception):
@@ -198,21 +215,39 @@ def test_preempt_file_checkpoints_exits_3_and_resumes_identically(tmp_path, cach
     assert without_timing(read(resumed["metrics_path"])) == without_timing(read(reference["metrics_path"]))
 
 
-def test_compare_writes_side_by_side_plot(tmp_path, cache_dir):
-    from nemo_entropy.engine.compare import main
+def test_compare_over_seeds_aggregates_and_resumes(tmp_path, capsys):
+    from nemo_entropy.engine.compare import main, mean_interval
 
     out = tmp_path / "cmp"
-    args = ["--out", str(out), "--steps", "2"] + [o for o in tiny_overrides("x", cache_dir, steps=2)
-                                                  if not o.startswith(("logger.", "grpo.max_num_steps",
-                                                                       "engine.warm_start.cache_dir"))]
-    assert main(args) == 0
-    summary = json.load(open(out / "compare_summary.json"))["summary"]
-    assert set(summary) == {"local_grpo", "local_clip_cov", "local_kl_cov"}
-    first = {name: read(out / name / "metrics.jsonl")[1] for name in summary}
-    # Same seed and warm start: the first rollout (before any update) is the same for every method.
-    assert len({r["entropy_mean"] for r in first.values()}) == 1
-    assert len({r["reward_mean"] for r in first.values()}) == 1
+    common = ["--out", str(out), "--steps", "2", "--seeds", "3,4"] + [
+        o for o in tiny_overrides("x", "y", steps=2) if not o.startswith(("logger.", "grpo.max_num_steps",
+                                                                            "engine.warm_start."))
+    ] + ["engine.warm_start.steps=20"]
+    # Two runs at a time in subprocesses, then a second invocation in this process adds a config.
+    assert main(common + ["--configs", "local_grpo", "--jobs", "2"]) == 0
+    done = {seed: os.path.getmtime(out / "local_grpo" / f"seed_{seed}" / "result.json") for seed in (3, 4)}
+    capsys.readouterr()
+    assert main(common + ["--configs", "local_grpo,local_kl_cov"]) == 0
+    assert "(2 already finished)" in capsys.readouterr().out
+    assert {seed: os.path.getmtime(out / "local_grpo" / f"seed_{seed}" / "result.json") for seed in (3, 4)} == done
+    summary = json.load(open(out / "compare_summary.json"))
+    assert summary["seeds"] == [3, 4] and set(summary["aggregate"]) == {"local_grpo", "local_kl_cov"}
+    for name in ("local_grpo", "local_kl_cov"):
+        runs = {seed: read(out / name / f"seed_{seed}" / "metrics.jsonl") for seed in (3, 4)}
+        finals = [runs[seed][-1]["val_accuracy"] for seed in (3, 4)]
+        agg = summary["aggregate"][name]
+        assert agg["val_accuracy_final"]["mean"] == pytest.approx(sum(finals) / 2)
+        assert agg["pass@8"]["mean"] == pytest.approx(sum(runs[s][-1]["pass@8"] for s in (3, 4)) / 2)
+        assert agg["entropy_final"] == pytest.approx(mean_interval(
+            [summary["per_seed"][name][str(s)]["entropy_final"] for s in (3, 4)]))
+    # Same seed: the first rollout (before any update) is the same for every method; another seed differs.
+    first = {(name, seed): read(out / name / f"seed_{seed}" / "metrics.jsonl")[1]["entropy_mean"]
+             for name in ("local_grpo", "local_kl_cov") for seed in (3, 4)}
+    assert first["local_grpo", 3] == first["local_kl_cov", 3] != first["local_grpo", 4] == first["local_kl_cov", 4]
     assert os.path.getsize(out / "compare.png") > 10_000
+    assert "± " in (out / "compare.md").read_text()
+    # A folder holding runs of another configuration is refused, not silently mixed.
+    assert main(common + ["--configs", "local_grpo", "policy.optimizer.kwargs.lr=1e-3"]) == 2
 
 
 def test_sigusr1_requests_preemption_at_the_step_boundary(tmp_path, cache_dir):

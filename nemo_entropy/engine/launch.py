@@ -44,6 +44,8 @@ def _print_outputs(result: dict[str, Any]) -> None:
             f"entropy {final.get('entropy_mean', float('nan')):.3f}, "
             f"validation accuracy {result['val_accuracy'] if result['val_accuracy'] is not None else float('nan'):.3f}"
         )
+    if result.get("pass_at_k"):
+        lines.append("[nemo-entropy] pass@k:      " + ", ".join(f"{k} {v:.3f}" for k, v in result["pass_at_k"].items()))
     lines.append(f"[nemo-entropy] metrics:     {result['metrics_path']}")
     if result.get("plot_path"):
         lines.append(f"[nemo-entropy] plot:        {result['plot_path']}")

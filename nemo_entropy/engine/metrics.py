@@ -101,7 +101,9 @@ def _tb_tag(key: str) -> str:
         return f"val/{key[4:]}"
     if key.startswith("entropy"):
         return f"entropy/{key}"
-    if key in ("step_time", "rollout_time", "train_time", "val_time"):
+    if key.startswith("pass@"):
+        return f"val/{key}"
+    if key in ("step_time", "rollout_time", "train_time", "val_time", "pass_at_k_time"):
         return f"time/{key}"
     return f"train/{key}"
 
@@ -112,4 +114,19 @@ def write_run_info(log_dir: str, info: dict[str, Any], ranks: Iterable[dict[str,
     os.makedirs(log_dir, exist_ok=True)
     with open(path, "w") as fh:
         json.dump({**info, "ranks": list(ranks)}, fh, indent=2)
+    return path
+
+
+def update_run_info(log_dir: str, info: dict[str, Any]) -> str:
+    """Add (or replace) top-level entries of run_info.json, e.g. the end-of-run pass@k."""
+    path = os.path.join(log_dir, RUN_INFO_FILE)
+    current: dict[str, Any] = {}
+    if os.path.exists(path):
+        with open(path) as fh:
+            current = json.load(fh)
+    current.update(info)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(current, fh, indent=2)
+    os.replace(tmp, path)
     return path

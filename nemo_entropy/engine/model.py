@@ -104,6 +104,13 @@ class TinyPolicy(nn.Module):
         """Final hidden states [batch, length, hidden]; causal, so later (padding) tokens never leak back."""
         return self.body(input_ids=input_ids, use_cache=False).last_hidden_state
 
+    def hidden_states_cached(self, input_ids: torch.Tensor, cache=None):
+        """Final hidden states of ``input_ids`` appended after the sequence held by ``cache`` (a transformers
+        key/value cache, ``None`` to start one); returns ``(hidden [batch, length, hidden], cache)``.
+        Generation feeds one token at a time instead of re-running the whole prefix."""
+        out = self.body(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        return out.last_hidden_state, out.past_key_values
+
     def logits_shard(self, hidden: torch.Tensor) -> torch.Tensor:
         """This rank's slice of the logits [.., V_local] (padded rows included; the entropy API masks them)."""
         return copy_to_tp_region(hidden, self.tp_group) @ self.lm_head_shard.t()

@@ -73,3 +73,52 @@ def plot_comparison(runs: Mapping[str, str], out_png: str, title: str = "") -> s
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def seed_bands(series: Mapping[int, tuple[list, list]], confidence: float = 0.95):
+    """Steps present in every seed's series, with the mean and t-interval over seeds at each step."""
+    from .compare import mean_interval
+
+    common = None
+    for xs, _ in series.values():
+        common = set(xs) if common is None else common & set(xs)
+    steps = sorted(common or [])
+    lookup = {seed: dict(zip(xs, ys)) for seed, (xs, ys) in series.items()}
+    mean, low, high = [], [], []
+    for step in steps:
+        stat = mean_interval([lookup[seed][step] for seed in lookup], confidence)
+        mean.append(stat["mean"])
+        half = stat["half"] or 0.0
+        low.append(stat["mean"] - half)
+        high.append(stat["mean"] + half)
+    return steps, mean, low, high
+
+
+def plot_seed_bands(runs: Mapping[str, Mapping[int, str]], out_png: str, *, confidence: float = 0.95,
+                    title: str = "") -> str:
+    """Entropy, train reward and validation accuracy of several methods (name -> seed -> metrics.jsonl):
+    the mean over seeds with the t-interval as a band."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    panels = (("entropy_mean", "token entropy (nats)"), ("reward_mean", "train reward (sampled accuracy)"),
+              ("val_accuracy", "validation accuracy (greedy)"))
+    for name, seeds in runs.items():
+        records = {seed: read_metrics(path) for seed, path in seeds.items()}
+        for ax, (key, label) in zip(axes, panels):
+            steps, mean, low, high = seed_bands({seed: _series(recs, key) for seed, recs in records.items()}, confidence)
+            if not steps:
+                continue
+            line = ax.plot(steps, mean, label=f"{name} ({len(seeds)} seeds)",
+                           marker="o" if key.startswith("val") else None, markersize=2)[0]
+            ax.fill_between(steps, low, high, alpha=0.2, color=line.get_color())
+            ax.set_xlabel("RL step")
+            ax.set_ylabel(label)
+    for ax in axes[1:]:
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

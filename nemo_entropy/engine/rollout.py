@@ -38,15 +38,16 @@ def generate(
 ) -> torch.Tensor:
     """Responses [batch, max_new_tokens]: Gumbel-max sampling at ``temperature`` (greedy if ``noise`` is None).
 
-    After a sample emits EOS the rest of its row is PAD. No KV cache: sequences are a dozen tokens, and a
-    full forward keeps the arithmetic of every position identical to the scoring pass.
+    After a sample emits EOS the rest of its row is PAD; generation stops once every row has. The prefix is
+    encoded once and every new token is fed through the key/value cache; each row's arithmetic is
+    independent of the other rows, so a sample's tokens do not depend on its batch.
     """
     batch = prompts.shape[0]
     responses = torch.full((batch, max_new_tokens), PAD, dtype=torch.long)
     finished = torch.zeros(batch, dtype=torch.bool)
-    sequence = prompts
+    hidden, cache = policy.hidden_states_cached(prompts)
     for t in range(max_new_tokens):
-        logits = policy.full_logits(policy.hidden_states(sequence)[:, -1]).float()
+        logits = policy.full_logits(hidden[:, -1]).float()
         if noise is None:
             token = logits.argmax(-1)
         else:
@@ -54,7 +55,9 @@ def generate(
         token = torch.where(finished, torch.full_like(token, PAD), token)
         responses[:, t] = token
         finished |= token == EOS
-        sequence = torch.cat([sequence, token[:, None]], dim=1)
+        if bool(finished.all()) or t == max_new_tokens - 1:
+            break
+        hidden, cache = policy.hidden_states_cached(token[:, None], cache)
     return responses
 
 

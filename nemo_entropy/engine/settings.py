@@ -13,19 +13,20 @@ from typing import Any, Mapping, Optional
 
 from nemo_entropy.config import to_plain
 
-from .task import SUPPORTED_TASKS
+from .task import build_task, task_settings
 
 # NeMo-RL's loss_fn section may carry keys our loss does not take (e.g. added by newer NeMo-RL releases);
 # the engine hands loss_config only what it knows, and says which keys it dropped.
 ENGINE_KEYS = {
     "nproc", "tp_size", "threads_per_process", "model", "task", "warm_start", "progress_bar", "plot",
-    "num_val_problems", "log_examples",
+    "num_val_problems", "log_examples", "pass_at_k",
 }
 MODEL_KEYS = {
     "arch", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads", "num_key_value_heads",
     "attn_implementation", "init_std",
 }
 WARM_START_KEYS = {"steps", "batch_size", "lr", "cache_dir"}
+PASS_AT_K_KEYS = {"num_problems", "num_samples", "temperature"}
 
 
 def _select(cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
@@ -45,6 +46,13 @@ def _positive_int(cfg, key: str, default: int) -> int:
     value = _select(cfg, key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _bad(key, value, "expected an integer >= 1")
+    return value
+
+
+def _non_negative_int(cfg, key: str, default: int) -> int:
+    value = _select(cfg, key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _bad(key, value, "expected an integer >= 0")
     return value
 
 
@@ -93,6 +101,9 @@ class EngineSettings:
     task: dict[str, Any]
     warm_start: dict[str, Any]
     num_val_problems: int
+    pass_at_k_problems: int
+    pass_at_k_samples: int
+    pass_at_k_temperature: float
     progress_bar: bool
     plot: bool
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
@@ -127,6 +138,7 @@ class EngineSettings:
             (engine, ENGINE_KEYS, "engine"),
             (_select(raw, "engine.model", {}), MODEL_KEYS, "engine.model"),
             (_select(raw, "engine.warm_start", {}), WARM_START_KEYS, "engine.warm_start"),
+            (_select(raw, "engine.pass_at_k", {}), PASS_AT_K_KEYS, "engine.pass_at_k"),
         ):
             unknown = sorted(set(section) - allowed)
             if unknown:
@@ -150,13 +162,13 @@ class EngineSettings:
         mbs = _positive_int(raw, "policy.train_micro_batch_size", gbs // dp)
         gen_bs = _positive_int(raw, "policy.generation_batch_size", max(1, samples // dp))
 
-        task = dict(_select(raw, "engine.task", {"name": "addition", "digits": 2}))
-        if task.get("name", "addition") not in SUPPORTED_TASKS:
-            raise _bad("engine.task.name", task.get("name"), f"allowed {SUPPORTED_TASKS}")
-        digits = task.get("digits", 2)
-        if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 6:
-            raise _bad("engine.task.digits", digits, "expected an integer in [1, 6]")
-        needed = (1 + 2 * digits + 2) + (digits + 2)
+        task = task_settings(_select(raw, "engine.task", {"name": "addition", "digits": 2}))
+        if task["name"] == "addition":
+            digits = task["digits"]
+            if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 6:
+                raise _bad("engine.task.digits", digits, "expected an integer in [1, 6]")
+        built = build_task(task)  # validates the countdown keys (errors name the key)
+        needed = built.prompt_length + built.max_response_length
         max_len = _positive_int(raw, "policy.max_total_sequence_length", needed)
         if max_len < needed:
             raise _bad("policy.max_total_sequence_length", max_len,
@@ -232,6 +244,9 @@ class EngineSettings:
             task=task,
             warm_start=warm,
             num_val_problems=_positive_int(raw, "engine.num_val_problems", 256),
+            pass_at_k_problems=_non_negative_int(raw, "engine.pass_at_k.num_problems", 0),
+            pass_at_k_samples=_positive_int(raw, "engine.pass_at_k.num_samples", 64),
+            pass_at_k_temperature=_positive_float(raw, "engine.pass_at_k.temperature", 1.0),
             progress_bar=bool(_select(raw, "engine.progress_bar", True)),
             plot=bool(_select(raw, "engine.plot", True)),
             raw=dict(raw),

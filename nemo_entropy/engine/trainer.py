@@ -32,7 +32,7 @@ from nemo_entropy.parallel import ParallelGroups, ProcessGroup, new_subgroups, t
 from nemo_entropy.plan import StepInputs, build_step_plan
 
 from .checkpoint import latest_complete_checkpoint, load_checkpoint, save_checkpoint
-from .metrics import MetricsLog, entropy_summary, write_run_info
+from .metrics import MetricsLog, entropy_summary, read_metrics, update_run_info, write_run_info
 from .model import TinyPolicy
 from .preemption import PreemptionWatcher
 from .processes import all_gather_objects, barrier, group_all_reduce, world_group, world_rank_and_size
@@ -287,6 +287,7 @@ class GRPOTrainer:
             "reward_mean": float(rewards.double().mean()),
             "zero_advantage_group_fraction": float(uniform),
             "response_length_mean": float(lengths.mean()),
+            "valid_tokens_per_optimizer_step": float(lengths.sum()) / self.s.optimizer_steps_per_rollout,
             "truncated_fraction": float(truncated.double().mean()),
         }
         out.update(entropy_summary(entropy, mask))
@@ -297,6 +298,21 @@ class GRPOTrainer:
         total = torch.tensor([float(correct.sum()), float(correct.numel())], dtype=torch.float64)
         group_all_reduce(total, self.layout.dp_group, "sum")
         return float(total[0] / total[1])
+
+    def evaluate_pass_at_k(self) -> dict[str, float]:
+        """pass@1, 2, 4, ... over the first ``engine.pass_at_k.num_problems`` validation problems, each with
+        ``num_samples`` samples; problems are split over DP ranks and the counts summed."""
+        from .passk import correct_counts, pass_at_k_metrics
+
+        n = self.s.pass_at_k_samples
+        problems = self.task.sample_operands(self.s.pass_at_k_problems, stream_seed(self.s.seed, "validation"))
+        ids = torch.tensor_split(torch.arange(problems.shape[0]), self.layout.dp_size)[self.layout.dp_rank]
+        local = correct_counts(self.policy, self.task, problems[ids], ids.tolist(), num_samples=n, seed=self.s.seed,
+                               temperature=self.s.pass_at_k_temperature, batch_size=self.s.generation_batch_size)
+        counts = torch.zeros(problems.shape[0], dtype=torch.float64)
+        counts[ids] = local.double()
+        group_all_reduce(counts, self.layout.dp_group, "sum")
+        return pass_at_k_metrics(counts.round().long().tolist(), n)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict[str, Any]:
@@ -363,6 +379,10 @@ class GRPOTrainer:
                     ):
                         last_val = self.validate()
                         metrics["val_accuracy"] = last_val
+                    if self.s.pass_at_k_problems and step == self.s.max_num_steps:
+                        t_pass = time.perf_counter()
+                        metrics.update(self.evaluate_pass_at_k())
+                        metrics["pass_at_k_time"] = time.perf_counter() - t_pass
                     t3 = time.perf_counter()
                     metrics.update({"lr": self.s.lr, "rollout_time": t1 - t0, "train_time": t2 - t1,
                                     "val_time": t3 - t2, "step_time": t3 - t0})
@@ -389,6 +409,11 @@ class GRPOTrainer:
         finally:
             bar.close()
             log.close()
+        # pass@k of the last step (also when a finished run was resumed and trained no further).
+        pass_at_k = {k: v for k, v in (last or (read_metrics(log.path)[-1:] or [{}])[0]).items()
+                     if k.startswith("pass@")} if self.is_logger else {}
+        if pass_at_k:
+            update_run_info(self.s.log_dir, {"pass_at_k": pass_at_k})
         plot_path = None
         if self.is_logger and self.s.plot:
             from .plot import plot_run
@@ -405,6 +430,7 @@ class GRPOTrainer:
             "resumed_from": self.resumed_from,
             "final": last,
             "val_accuracy": last_val,
+            "pass_at_k": pass_at_k,
             "seconds": time.perf_counter() - started,
             "layout": self.layout.as_dict(),
         }
