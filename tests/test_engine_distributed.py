@@ -1,5 +1,7 @@
 """Layout invariance of the local engine: 2 DP x 2 TP gloo processes (vocab-parallel head, batch-scope
-KL-Cov selection across DP) give the metrics and weights of one process, within fp32 rounding."""
+KL-Cov selection across DP) give the metrics and weights of one process, within fp32 rounding; on the
+countdown task (variable-length responses, KV-cache generation that stops when every row has ended, pass@k
+split over DP ranks) 2 DP processes give those of one process."""
 
 from __future__ import annotations
 
@@ -30,13 +32,14 @@ def _full_weights(checkpoint_dir, step, tp_size):
 
 
 @pytest.mark.timeout(300)
-def test_two_dp_by_two_tp_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("task, nproc, tp", [("addition", 4, 2), ("countdown", 2, 1)])
+def test_dp_by_tp_processes_match_one_process(tmp_path, task, nproc, tp):
     cache = str(tmp_path / "warm")
     steps = 3
-    single = run_local(compose_config("local_kl_cov", tiny_overrides(tmp_path / "one", cache, steps=steps)))
+    single = run_local(compose_config("local_kl_cov", tiny_overrides(tmp_path / "one", cache, steps=steps, task=task)))
     multi = run_local(compose_config("local_kl_cov", tiny_overrides(
-        tmp_path / "four", cache, steps=steps, extra=["engine.nproc=4", "engine.tp_size=2"])))
-    assert multi["layout"] == {"world_size": 4, "dp_size": 2, "tp_size": 2}
+        tmp_path / "four", cache, steps=steps, task=task, extra=[f"engine.nproc={nproc}", f"engine.tp_size={tp}"])))
+    assert multi["layout"] == {"world_size": nproc, "dp_size": nproc // tp, "tp_size": tp}
     one, four = read(single["metrics_path"]), read(multi["metrics_path"])
     assert [r["step"] for r in one] == [r["step"] for r in four] == list(range(steps + 1))
     for a, b in zip(one, four):
@@ -44,19 +47,22 @@ def test_two_dp_by_two_tp_processes_match_one_process(tmp_path):
         for key in a:
             if key in TIMING_KEYS or a[key] is None:
                 continue
-            if key in EXACT_KEYS:
+            if key in EXACT_KEYS or key.startswith("pass@"):
                 assert a[key] == b[key], (a["step"], key, a[key], b[key])
             else:
                 assert math.isclose(a[key], b[key], rel_tol=2e-4, abs_tol=2e-5), (a["step"], key, a[key], b[key])
     assert four[1]["selected_tokens"] >= 2                 # KL-Cov selected tokens in both optimizer steps
+    assert multi["pass_at_k"] == single["pass_at_k"] and "pass@8" in multi["pass_at_k"]
+    assert all(0 < r["reward_mean"] < 1 for r in one[1:])  # some samples right, some wrong: non-zero advantages
     # The weights after 3 RL steps (6 optimizer steps): body replicated over TP, head split by vocabulary.
     w1 = _full_weights(single["checkpoint_dir"], steps, 1)
-    w4 = _full_weights(multi["checkpoint_dir"], steps, 2)
+    w4 = _full_weights(multi["checkpoint_dir"], steps, tp)
     vocab = w1["lm_head"].shape[0]
-    assert w4["lm_head"].shape[0] == vocab + 1 and torch.all(w4["lm_head"][vocab:] == 0)  # padded 15 -> 16
+    padded = -(-vocab // tp) * tp                          # addition: 15 -> 16 over 2 TP ranks
+    assert w4["lm_head"].shape[0] == padded and torch.all(w4["lm_head"][vocab:] == 0)
     w4["lm_head"] = w4["lm_head"][:vocab]
     for key in w1:
         torch.testing.assert_close(w4[key], w1[key], rtol=1e-4, atol=1e-5, msg=key)
     info = json.load(open(tmp_path / "four" / "run_info.json"))
-    assert sorted(r["rank"] for r in info["ranks"]) == [0, 1, 2, 3]
-    assert {(r["dp_rank"], r["tp_rank"]) for r in info["ranks"]} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert sorted(r["rank"] for r in info["ranks"]) == list(range(nproc))
+    assert {(r["dp_rank"], r["tp_rank"]) for r in info["ranks"]} == {(d, t) for d in range(nproc // tp) for t in range(tp)}
