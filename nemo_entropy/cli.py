@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 # name -> (module, function, one-line help)
 SUBCOMMANDS = {
     "train": ("nemo_entropy.train", "main", "run GRPO with an entropy control (local engine or NeMo-RL)"),
-    "compare": ("nemo_entropy.engine.compare", "main", "run GRPO, Clip-Cov and KL-Cov locally and plot them"),
+    "compare": ("nemo_entropy.engine.compare", "main", "GRPO, Clip-Cov and KL-Cov locally over several seeds: mean, 95% interval, plot with bands"),
     "demo": ("nemo_entropy.demo", "main", "the losses on a synthetic batch: selected fraction, entropy proxy, loss"),
     "build-kernels": ("nemo_entropy.entropy.build", "main", "build the CPU (and, with CUDA, GPU) kernels"),
     "law": ("nemo_entropy.law.cli", "main", "fit the entropy-performance law R = -a exp(H) + b to runs; diagnostics"),

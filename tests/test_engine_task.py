@@ -5,9 +5,7 @@ computations."""
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import random
 import re
 from collections import Counter
 

@@ -14,7 +14,7 @@ import torch
 from nemo_entropy.entropy import vocab_parallel_entropy_and_logprobs
 
 from .model import TinyPolicy
-from .task import EOS, PAD, AdditionTask, response_mask, stream_seed
+from .task import EOS, PAD, Task, response_mask, stream_seed
 
 
 def gumbel_noise(sample_ids: list[int], *, seed: int, step: int, length: int, vocab_size: int) -> torch.Tensor:
@@ -128,7 +128,7 @@ class Rollout:
 
 def collect_rollout(
     policy: TinyPolicy,
-    task: AdditionTask,
+    task: Task,
     *,
     sample_ids: list[int],
     operands: torch.Tensor,
@@ -185,8 +185,8 @@ def collect_rollout(
 
 
 @torch.no_grad()
-def greedy_accuracy(policy: TinyPolicy, task: AdditionTask, operands: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
-    """Exact-match rewards of greedy answers to ``operands`` (validation)."""
+def greedy_accuracy(policy: TinyPolicy, task: Task, operands: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+    """Rewards (the task's verifier) of greedy answers to ``operands`` (validation)."""
     if operands.shape[0] == 0:
         return torch.zeros(0)
     prompts = task.prompts(operands)

@@ -21,7 +21,7 @@ import functools
 import hashlib
 import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -340,6 +340,9 @@ def _canonical_solution(numbers: tuple[int, ...], target: int, ops: str, max_val
     return None
 
 
+Task = Union[AdditionTask, CountdownTask]
+
+
 def task_settings(task_cfg) -> dict:
     """``engine.task`` with every key of its task filled in from the defaults; raises on unknown keys."""
     cfg = dict(task_cfg or {})
@@ -353,7 +356,7 @@ def task_settings(task_cfg) -> dict:
     return {"name": name, **TASK_KEYS[name], **cfg}
 
 
-def build_task(task_cfg):
+def build_task(task_cfg) -> Task:
     """The task named by ``engine.task`` (a mapping with ``name`` and its parameters)."""
     cfg = task_settings(task_cfg)
     name = cfg.pop("name")

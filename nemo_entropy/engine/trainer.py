@@ -1,7 +1,7 @@
 """The GRPO loop of the local engine, with exactly the loss, selection and entropy code of the NeMo-RL path.
 
 One RL step: sample ``num_prompts_per_step`` problems (seeded by the step), ``num_generations_per_prompt``
-responses each, exact-match rewards, group-normalised advantages, the rollout policy's log-probs and
+responses each, verifier rewards (0 or 1), group-normalised advantages, the rollout policy's log-probs and
 full-vocabulary entropy; then ``samples / train_global_batch_size`` optimizer steps. Each optimizer step
 selects its Clip-Cov / KL-Cov tokens once over the whole mini-batch on every DP rank
 (:func:`nemo_entropy.selection.select_tokens`), then runs :func:`nemo_entropy.losses.policy_loss` per

@@ -18,7 +18,7 @@ import torch
 
 from .model import TinyPolicy
 from .progress import Progress
-from .task import AdditionTask, response_mask, stream_seed
+from .task import Task, response_mask, stream_seed
 
 
 def warm_start_key(model_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any], warm_cfg: Mapping[str, Any], seed: int) -> str:
@@ -30,7 +30,7 @@ def warm_start_key(model_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any], wa
 
 def supervised_warm_start(
     policy: TinyPolicy,
-    task: AdditionTask,
+    task: Task,
     *,
     steps: int,
     batch_size: int,
@@ -64,7 +64,7 @@ def supervised_warm_start(
 def load_or_run_warm_start(
     cache_path: str,
     build_full_policy: Callable[[], TinyPolicy],
-    task: AdditionTask,
+    task: Task,
     warm_cfg: Mapping[str, Any],
     *,
     seed: int,
