@@ -284,6 +284,7 @@ def test_aggregate_over_seeds_and_summary_windows():
 def test_parse_seeds():
     assert parse_seeds("5", 42) == [42, 43, 44, 45, 46]
     assert parse_seeds("1,7,3", 42) == [1, 7, 3]
-    for bad in ("0", "x", "1,1"):
+    assert parse_seeds("42,", 0) == [42] and parse_seeds("1", 42) == [42]
+    for bad in ("0", "x", "1,1", "42"):
         with pytest.raises(ValueError, match="--seeds"):
             parse_seeds(bad, 42)

@@ -151,8 +151,14 @@ def markdown_table(aggregates: dict[str, dict[str, Any]], pass_ks: Sequence[int]
 
 
 # ----------------------------------------------------------------------------------------------- running
+MAX_SEED_COUNT = 20
+
+
 def parse_seeds(text: str, base: int) -> list[int]:
-    """``"5"`` -> five seeds ``base .. base + 4``; ``"1,2,3"`` (any comma) -> those seeds."""
+    """``"5"`` -> five seeds ``base .. base + 4``; ``"1,2,3"`` (any comma, also ``"42,"``) -> those seeds.
+
+    A count above :data:`MAX_SEED_COUNT` is refused: ``--seeds 42`` is far more likely meant as seed 42.
+    """
     text = text.strip()
     try:
         if "," in text:
@@ -164,6 +170,9 @@ def parse_seeds(text: str, base: int) -> list[int]:
             seeds = list(range(base, base + count))
     except ValueError:
         raise ValueError(f"--seeds {text!r} is invalid: a count >= 1 (e.g. 5) or a comma-separated list (e.g. 1,2,3)")
+    if "," not in text and len(seeds) > MAX_SEED_COUNT:
+        raise ValueError(f"--seeds {text} is invalid: a count must be in [1, {MAX_SEED_COUNT}]; for the single seed "
+                         f"{text} write --seeds {text}, (a list) or --seed {text} --seeds 1")
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {text!r} is invalid: seeds must be distinct and at least one")
     return seeds
@@ -211,7 +220,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="runs/compare", help="output folder (OUT/<config>/seed_<seed>/ per run)")
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated config names")
     parser.add_argument("--seeds", default=str(DEFAULT_NUM_SEEDS),
-                        help="a count N (seeds SEED .. SEED+N-1, SEED from --seed) or a comma-separated list (default 5)")
+                        help="a count N <= 20 (seeds SEED .. SEED+N-1, SEED from --seed) or a comma-separated list such as "
+                             "42,43 or 42, (default 5)")
     parser.add_argument("--seed", type=int, default=None,
                         help="first seed when --seeds is a count (default: the first config's grpo.seed)")
     parser.add_argument("--steps", type=int, default=None, help="grpo.max_num_steps of every run (default: the configs')")
