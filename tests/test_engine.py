@@ -176,6 +176,8 @@ def test_training_improves_reward_and_writes_outputs(tmp_path, cache_dir):
     assert all(0.0 <= a <= b <= 1.0 for a, b in zip(list(pass_k.values()), list(pass_k.values())[1:]))
     assert not any(k.startswith("pass@") for r in records[:-1] for k in r)
     assert info["pass_at_k"] == pass_k == result["pass_at_k"]
+    again = run_local(cfg)                                   # a finished run resumes, trains nothing, reports the same
+    assert again["resumed_from"] == 24 and again["pass_at_k"] == pass_k and len(read(again["metrics_path"])) == 25
 
 
 class _Killed(Exception):

@@ -379,13 +379,12 @@ class GRPOTrainer:
                     ):
                         last_val = self.validate()
                         metrics["val_accuracy"] = last_val
-                    if self.s.pass_at_k_problems and step == self.s.max_num_steps:
-                        t_pass = time.perf_counter()
-                        metrics.update(self.evaluate_pass_at_k())
-                        metrics["pass_at_k_time"] = time.perf_counter() - t_pass
                     t3 = time.perf_counter()
                     metrics.update({"lr": self.s.lr, "rollout_time": t1 - t0, "train_time": t2 - t1,
                                     "val_time": t3 - t2, "step_time": t3 - t0})
+                    if self.s.pass_at_k_problems and step == self.s.max_num_steps:
+                        metrics.update(self.evaluate_pass_at_k())
+                        metrics["pass_at_k_time"] = time.perf_counter() - t3
                     log.write(step, metrics)
                     last = {"step": step, **metrics}
                     saved = False
@@ -409,11 +408,13 @@ class GRPOTrainer:
         finally:
             bar.close()
             log.close()
-        # pass@k of the last step (also when a finished run was resumed and trained no further).
-        pass_at_k = {k: v for k, v in (last or (read_metrics(log.path)[-1:] or [{}])[0]).items()
-                     if k.startswith("pass@")} if self.is_logger else {}
-        if pass_at_k:
-            update_run_info(self.s.log_dir, {"pass_at_k": pass_at_k})
+        # pass@k of the last step (read back when a finished run was resumed and trained no further).
+        pass_at_k: dict[str, float] = {}
+        if self.is_logger:
+            final = last or (read_metrics(log.path)[-1:] or [{}])[0]
+            pass_at_k = {k: v for k, v in final.items() if k.startswith("pass@")}
+            if pass_at_k:
+                update_run_info(self.s.log_dir, {"pass_at_k": pass_at_k})
         plot_path = None
         if self.is_logger and self.s.plot:
             from .plot import plot_run
