@@ -32,7 +32,9 @@ CONTROLS = {
 
 def _short(log_dir, cache_dir):
     """2 RL steps of 8 prompts x 4 samples, 2 optimizer steps each, no validation; the warm start cached per module."""
-    return [f"logger.log_dir={log_dir}", f"engine.warm_start.cache_dir={cache_dir}", "grpo.max_num_steps=2",
+    # engine=tiny: the 2-digit addition task (short warm start); no end-of-run pass@k.
+    return ["engine=tiny", "engine.pass_at_k.num_problems=0",
+            f"logger.log_dir={log_dir}", f"engine.warm_start.cache_dir={cache_dir}", "grpo.max_num_steps=2",
             "grpo.num_prompts_per_step=8", "grpo.num_generations_per_prompt=4", "grpo.val_at_start=false",
             "grpo.val_at_end=false", "grpo.val_period=0", "policy.train_global_batch_size=16",
             "policy.train_micro_batch_size=8", "policy.generation_batch_size=32", "engine.progress_bar=false",

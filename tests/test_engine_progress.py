@@ -151,8 +151,8 @@ def test_compare_reports_one_line_per_run_in_a_log(tmp_path, capfd):
     from nemo_entropy.engine.compare import main
 
     assert main([
-        "--out", str(tmp_path / "cmp"), "--steps", "2", "--configs", "local_grpo,local_kl_cov",
-        "grpo.num_prompts_per_step=4", "grpo.num_generations_per_prompt=4", "grpo.val_period=0",
+        "--out", str(tmp_path / "cmp"), "--steps", "2", "--configs", "local_grpo,local_kl_cov", "--seeds", "42,",
+        "engine=tiny", "grpo.num_prompts_per_step=4", "grpo.num_generations_per_prompt=4", "grpo.val_period=0",
         "policy.train_global_batch_size=16", "policy.train_micro_batch_size=8", "policy.generation_batch_size=16",
         "engine.warm_start.steps=10", "engine.num_val_problems=16", "engine.progress_bar=false",
     ]) == 0
@@ -161,4 +161,4 @@ def test_compare_reports_one_line_per_run_in_a_log(tmp_path, capfd):
     assert "\r" not in text
     lines = [line for line in text.splitlines() if line.startswith("[nemo-entropy] compare: ")]
     assert [line.split(": ")[1].split(",")[0] for line in lines] == ["0/2 runs (0%)", "1/2 runs (50%)", "2/2 runs (100%)"]
-    assert lines[1].endswith("| last=local_grpo") and lines[2].endswith("| last=local_kl_cov")
+    assert lines[1].endswith("| last=local_grpo/seed_42") and lines[2].endswith("| last=local_kl_cov/seed_42")

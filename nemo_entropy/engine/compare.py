@@ -252,6 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from .metrics import read_metrics
     from .plot import plot_seed_bands
+    from .progress import Progress
 
     out = os.path.abspath(args.out)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -299,29 +300,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.perf_counter()
     print(f"[nemo-entropy compare] {len(names)} configs x {len(seeds)} seeds = {total} runs "
           f"({total - len(todo)} already finished) -> {out}", flush=True)
-    finished_times: list[float] = []
-    counter = {"done": total - len(todo)}
+    # Counts and time left on stderr (a bar on a terminal, plain lines in a log); each finished run's figures on stdout.
+    progress = Progress(total, "compare", unit="run", initial=total - len(todo), every_steps=1)
 
     def report(item: dict[str, Any], seconds: float) -> None:
-        counter["done"] += 1
-        finished_times.append(seconds)
         summary = summarise(read_metrics(os.path.join(item["dir"], "metrics.jsonl")))
         _write_result(item["dir"], {"config": item["name"], "seed": item["seed"], "fingerprint": item["fingerprint"],
                                     "seconds": round(seconds, 1), "overrides": item["overrides"], "summary": summary})
-        left = total - counter["done"]
-        eta = sum(finished_times) / len(finished_times) * left / args.jobs
-        print(f"[nemo-entropy compare] {counter['done']}/{total} {item['name']} seed {item['seed']}: {seconds:.0f} s, "
+        print(f"[nemo-entropy compare] {item['name']} seed {item['seed']} finished in {seconds:.0f} s: "
               f"final entropy {summary.get('entropy_final', float('nan')):.3f}, "
               f"val. accuracy {summary.get('val_accuracy_final') or float('nan'):.3f}, "
-              f"pass@1 {summary.get('pass@1', float('nan')):.3f}"
-              + (f"; about {eta / 60:.0f} min left" if left else ""), flush=True)
+              f"pass@1 {summary.get('pass@1', float('nan')):.3f}", flush=True)
+        progress.update(1, last=f"{item['name']}/seed_{item['seed']}")
 
     if args.jobs == 1:
         from .launch import run_local
 
         for item in todo:
-            print(f"[nemo-entropy compare] {counter['done'] + 1}/{total} {item['name']} seed {item['seed']} -> {item['dir']}",
-                  flush=True)
+            print(f"[nemo-entropy compare] {item['name']} seed {item['seed']} -> {item['dir']}", flush=True)
             t0 = time.perf_counter()
             run_local(compose_config(item["name"], item["overrides"], args.config_dir))
             report(item, time.perf_counter() - t0)
@@ -354,9 +350,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     print(f"[nemo-entropy compare] {item['name']} seed {item['seed']} failed (exit {proc.returncode}); "
                           f"see {os.path.join(item['dir'], 'train.log')}", file=sys.stderr, flush=True)
         if failed:
+            progress.close()
             print(f"[nemo-entropy compare] {len(failed)} run(s) failed; re-run the same command to retry them",
                   file=sys.stderr)
             return 1
+    progress.close()
 
     per_config: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in names}
     metrics_paths: dict[str, dict[int, str]] = {name: {} for name in names}
