@@ -214,7 +214,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nemo-entropy compare",
         description="Run several configs (default GRPO, Clip-Cov, KL-Cov) over several seeds on the local engine; "
-                    "report mean and 95%% t-interval per method and plot the curves with bands.",
+                    "report mean and 95% t-interval per method and plot the curves with bands.",
         epilog="Extra arguments are Hydra overrides applied to every run, e.g. grpo.max_num_steps=100.",
     )
     parser.add_argument("--out", default="runs/compare", help="output folder (OUT/<config>/seed_<seed>/ per run)")
