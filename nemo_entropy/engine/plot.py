@@ -64,6 +64,11 @@ def plot_comparison(runs: Mapping[str, str], out_png: str, title: str = "") -> s
             ax.plot(xs, ys, label=name, marker="o" if key.startswith("val") else None, markersize=3)
             ax.set_xlabel("RL step")
             ax.set_ylabel(label)
+    return _save(plt, fig, axes, title, out_png)
+
+
+def _save(plt, fig, axes, title: str, out_png: str) -> str:
+    """Accuracy panels on [0, 1], the legend, the title; write the PNG and close the figure."""
     for ax in axes[1:]:
         ax.set_ylim(-0.02, 1.02)
     axes[0].legend()
@@ -113,12 +118,4 @@ def plot_seed_bands(runs: Mapping[str, Mapping[int, str]], out_png: str, *, conf
             ax.fill_between(steps, low, high, alpha=0.2, color=line.get_color())
             ax.set_xlabel("RL step")
             ax.set_ylabel(label)
-    for ax in axes[1:]:
-        ax.set_ylim(-0.02, 1.02)
-    axes[0].legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save(plt, fig, axes, title, out_png)
