@@ -232,6 +232,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _or_nan(value: Any) -> float:
+    """A summary value for printing: NaN when missing (0.0 is a value, not a missing one)."""
+    return float("nan") if value is None else float(value)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry of ``nemo-entropy compare``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -309,7 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                     "seconds": round(seconds, 1), "overrides": item["overrides"], "summary": summary})
         print(f"[nemo-entropy compare] {item['name']} seed {item['seed']} finished in {seconds:.0f} s: "
               f"final entropy {summary.get('entropy_final', float('nan')):.3f}, "
-              f"val. accuracy {summary.get('val_accuracy_final') or float('nan'):.3f}, "
+              f"val. accuracy {_or_nan(summary.get('val_accuracy_final')):.3f}, "
               f"pass@1 {summary.get('pass@1', float('nan')):.3f}", flush=True)
         progress.update(1, last=f"{item['name']}/seed_{item['seed']}")
 
