@@ -9,13 +9,15 @@ VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 PIP_PINS := torch==2.13.0 triton==3.7.1 megatron-core==0.16.1 hydra-core==1.3.8 omegaconf==2.3.1 transformers==5.23.0
 STAMP   := $(VENV)/.installed
+PIP_LOG := $(VENV)/pip-install.log
 
 .PHONY: setup run test kernels bench clean test-nemo-rl nemo-rl-root
 
 $(STAMP): pyproject.toml setup.py Makefile
 	$(PY) -m venv $(VENV)
-	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet $(PIP_PINS) -e '.[dev,megatron]'
+	@echo "installing the pinned dependencies and this package into $(VENV) (pip's output: $(PIP_LOG))"
+	@{ $(VPY) -m pip install --upgrade pip && $(VPY) -m pip install $(PIP_PINS) -e '.[dev,megatron]'; } \
+	  > $(PIP_LOG) 2>&1 || { tail -n 30 $(PIP_LOG); echo "pip install failed: see $(PIP_LOG)" >&2; exit 1; }
 	$(VPY) -c "import torch; assert torch.version.cuda is None, 'a CUDA torch was installed: ' + torch.__version__"
 	touch $(STAMP)
 
