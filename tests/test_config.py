@@ -72,3 +72,19 @@ def test_config_is_frozen_and_checked_on_direct_construction():
     cfg = LossConfig()
     with pytest.raises(Exception):
         cfg.method = "ppo"  # type: ignore[misc]
+
+
+def test_every_loss_key_is_in_the_config_reference():
+    """docs/config_reference.md documents every key ``loss_config`` accepts (LossConfig's fields and every control's
+    section), each by its full name in backticks."""
+    import dataclasses
+    import pathlib
+
+    from nemo_entropy.controls import REGISTRY
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "config_reference.md").read_text()
+    keys = {f.name for f in dataclasses.fields(LossConfig) if f.name != "sections"}  # sections: the parsed controls
+    for control in REGISTRY.values():
+        keys |= {f.name for f in dataclasses.fields(control.config_class)}
+    assert len(keys) > 40
+    assert sorted(k for k in keys if f"`{k}`" not in text) == []
