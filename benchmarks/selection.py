@@ -80,7 +80,8 @@ def main() -> None:
                        args.repeats)
         t_ref = _time(lambda: reference_per_call(logprobs, adv, mask, ratio, micro_batch=4), args.repeats)
         ours_bytes = 6 * 8 + args.world * k * 16  # all-reduce of 6 int64; all-gather of k (score, uid) pairs
-        plan_bytes = 9 * 8 + args.world * (k + k_diag) * 16  # + 3 diagnostic sums, + the top 2% for concentration
+        # + 3 diagnostic sums, + the top 2% for concentration, from which KL-Cov's top-k is read when k <= 2%
+        plan_bytes = 9 * 8 + args.world * (k_diag if k <= k_diag else k + k_diag) * 16
         print(f"| {ratio:g} | reference, per micro-batch of 4 | {t_ref * 1e3:.1f} | 1.00 | {n * 8 / 2**20:.1f} MiB "
               f"| 0 (and a different answer) |")
         print(f"| {ratio:g} | ours, exact global (k={k}) | {t_ours * 1e3:.1f} | {t_ours / t_ref:.2f} | 0 "

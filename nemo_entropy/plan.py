@@ -8,10 +8,12 @@ same order on every rank:
 1. one all-reduce (int64) of the step's counts and exact fixed-point sums: valid tokens, valid sequences,
    ``sum l`` and ``sum A`` (or ``sum p A``) for the covariance means, ``sum H`` when a control needs the step's
    mean entropy, and the count of ranks whose inputs are bad (so every rank raises together after it);
-2. one all-gather per exact top-k a control asks for (:meth:`StepContext.top_k`), in registry order:
-   KL-Cov's top covariance, Clip-Cov's random subset, a top-entropy quantile, ...;
-3. with ``covariance_diagnostics``, one all-gather of the top 2% of covariance scores for the concentration
-   diagnostics (:func:`covariance_diagnostics`).
+2. with ``covariance_diagnostics``, one all-gather of the top 2% of covariance scores for the concentration
+   diagnostics (:func:`covariance_diagnostics`);
+3. one all-gather per exact top-k a control asks for (:meth:`StepContext.top_k`), in registry order:
+   KL-Cov's top covariance, Clip-Cov's random subset, a top-entropy quantile, ... A top-k of the covariance
+   scores over every valid token of at most the diagnostics' 2% (KL-Cov at its ratios) is read from the
+   diagnostics' answer instead: no second top-k, no second all-gather.
 
 The result, a :class:`StepPlan`, holds the global counts, the exact covariance scores and each control's values
 (per-token tensors shaped like the step's mask, and scalars). The micro-batch loss takes ``plan.rows(...)`` and
@@ -30,6 +32,7 @@ import torch
 
 from .parallel import GroupsLike, as_groups
 from .selection import (
+    chosen_from_merged,
     covariance_inputs,
     distributed_top_k,
     exact_group_sums,
@@ -86,7 +89,8 @@ class StepContext:
 
     def __init__(self, config: "LossConfig", inputs: StepInputs, mask: torch.Tensor, *, step: int, groups,
                  num_valid_tokens: int, num_valid_seqs: int, scores: torch.Tensor,
-                 entropy_mean: Optional[float], clip_active: Optional[torch.Tensor]):
+                 entropy_mean: Optional[float], clip_active: Optional[torch.Tensor],
+                 score_top: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
         self.config = config
         self.mask = mask
         self.old_logprobs = inputs.old_logprobs
@@ -102,12 +106,20 @@ class StepContext:
         self.clip_active = clip_active
         """``scope: microbatch`` only: tokens the PPO clip already clipped (the reference skips them)."""
         self._groups = groups
+        self._score_top = score_top
 
     def top_k(self, priority: torch.Tensor, eligible: torch.Tensor, k: int, *, with_threshold: bool = False):
         """The ``k`` eligible tokens of the whole step ranked first by (priority desc, token uid asc), and how many
         that is over the step (fewer than ``k`` when fewer are eligible): one all-gather. Every rank must ask for
         the same ``k`` in the same order (controls derive ``k`` from the global counts). ``with_threshold`` adds
-        the lowest chosen priority, identical on every rank (a quantile's value, for a metric)."""
+        the lowest chosen priority, identical on every rank (a quantile's value, for a metric).
+
+        The covariance scores over every valid token (``priority is scores``, ``eligible is mask``) with ``k`` no
+        larger than the diagnostics' merged top-k already held by the plan: read from it, no collective."""
+        if (self._score_top is not None and priority is self.scores and eligible is self.mask
+                and k <= self._score_top[0].numel()):
+            return chosen_from_merged(priority, self.token_uids, self.mask, *self._score_top, k,
+                                      with_threshold=with_threshold)
         return distributed_top_k(priority, self.token_uids, eligible & self.mask, k, self._groups,
                                  with_threshold=with_threshold)
 
@@ -165,8 +177,17 @@ def _diagnostic_inputs(inputs: StepInputs, x: torch.Tensor, ok: bool, empty: tor
             ("logprobs x exp(logprobs) x advantages", l * pa)]
 
 
-def covariance_diagnostics(scores, uids, mask, n_tokens, mean_l, mean_x, sums, groups) -> dict[str, float]:
-    """The paper's diagnostics of one step, exact over the token group (from the plan's sums and one all-gather).
+def concentration_top_k(scores, uids, mask, n_tokens, groups) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """The merged top 2% of the step's covariance scores (:func:`merged_top_k`, one all-gather), or None when the
+    step has no valid token (agreed by every rank: nobody enters the all-gather)."""
+    if n_tokens == 0:
+        return None
+    return merged_top_k(scores, uids, mask, selection_quota(max(CONCENTRATION_FRACTIONS), n_tokens), groups)
+
+
+def covariance_diagnostics(top, n_tokens, mean_l, mean_x, sums) -> dict[str, float]:
+    """The paper's diagnostics of one step, exact over the token group, from the plan's sums and ``top``, the
+    merged top 2% of the scores (:func:`concentration_top_k`).
 
     * ``cov_top_<p>pct_share`` / ``_mean``: the share of the step's total covariance ``sum c_i`` held by the top
       ``max(1, floor(f N))`` tokens by score (f = 0.02%, 0.2%, 2%; 0 when the total is 0), and their mean;
@@ -175,14 +196,13 @@ def covariance_diagnostics(scores, uids, mask, n_tokens, mean_l, mean_x, sums, g
       entropy change per unit step size (its sign and correlation with the observed change are what the paper
       reads; ``nemo-entropy law diagnose`` reports the correlation over a run).
     """
-    if n_tokens == 0:  # agreed by every rank: nobody enters the all-gather
+    if top is None:
         return {}
     sum_lx, sum_pa, sum_lpa = (float(t) for t in sums)
     n = float(n_tokens)
     total = sum_lx - n * float(mean_l) * float(mean_x)
-    k_max = selection_quota(max(CONCENTRATION_FRACTIONS), n_tokens)
-    top, _ = merged_top_k(scores, uids, mask, k_max, groups)
-    running = torch.cumsum(top[torch.isfinite(top)], 0)
+    top_p = top[0]
+    running = torch.cumsum(top_p[torch.isfinite(top_p)], 0)
     out = {"cov_overall_mean": total / n}
     for fraction in CONCENTRATION_FRACTIONS:
         k = min(selection_quota(fraction, n_tokens), int(running.numel()))
@@ -240,7 +260,8 @@ def build_step_plan(
     ``clip_active`` marks ``scope: microbatch`` re-planning inside a loss call (no group then): the reference's
     selection over one call, with its float means, skipping the tokens the PPO clip already clipped.
 
-    Collectives, in this order on every rank: one all-reduce, then one all-gather per top-k a control asks for.
+    Collectives, in this order on every rank: one all-reduce; with the diagnostics, one all-gather of the top 2% of
+    the scores; one all-gather per other top-k a control asks for (module docstring).
     Bad inputs on any rank (or a ``local_error`` the caller found) make every rank raise after the all-reduce.
     """
     from .controls import ControlSet
@@ -275,12 +296,13 @@ def build_step_plan(
         scores = scores_from_means(local.old_logprobs, local.advantages, mask, mean_l, mean_x, config.cov_form)
     else:
         scores = _reference_scores(local.old_logprobs, local.advantages, mask, config.cov_form)
+    score_top = concentration_top_k(scores, uids, mask, n_tokens, groups) if diagnose else None
     ctx = StepContext(config, local, mask, step=step, groups=groups, num_valid_tokens=n_tokens,
-                      num_valid_seqs=n_seqs, scores=scores, entropy_mean=entropy_mean, clip_active=clip_active)
+                      num_valid_seqs=n_seqs, scores=scores, entropy_mean=entropy_mean, clip_active=clip_active,
+                      score_top=score_top)
     plan_values = {control.name: control.plan(ctx) for control in controls}
     if diagnose:
-        plan_values[DIAGNOSTICS] = covariance_diagnostics(scores, uids, mask, n_tokens, mean_l, mean_x, sums[-3:],
-                                                          groups)
+        plan_values[DIAGNOSTICS] = covariance_diagnostics(score_top, n_tokens, mean_l, mean_x, sums[-3:])
     return StepPlan(step=step, global_valid_tokens=float(n_tokens), global_valid_seqs=float(n_seqs), scores=scores,
                     values=plan_values)
 

@@ -41,6 +41,7 @@ __all__ = [
     "select_clip_cov",
     "distributed_top_k",
     "merged_top_k",
+    "chosen_from_merged",
     "exact_group_sums",
     "scores_from_means",
     "selection_quota",
@@ -319,16 +320,16 @@ def _lexicographic_top(priority: torch.Tensor, uids: torch.Tensor, k: int) -> tu
 def _local_offer(priority: torch.Tensor, uids: torch.Tensor, eligible: torch.Tensor, k: int):
     """This rank's first ``k`` eligible entries under the total order, padded to exactly ``k`` with
     ``(-inf, INT64_MAX)``, as float64 priorities and int64 uids."""
-    flat_p = priority.reshape(-1).masked_fill(~eligible.reshape(-1), float("-inf"))
-    flat_u = uids.reshape(-1)
-    if flat_p.numel() > k:
-        # Cut to the entries that can matter (>= the k-th largest priority, ties included) before sorting;
-        # a top-k over the dense tensor avoids compacting all N tokens first.
-        kth = torch.topk(flat_p, k, sorted=False).values.min()
-        keep = (flat_p >= kth) & eligible.reshape(-1) if bool(kth > float("-inf")) else eligible.reshape(-1)
-    else:
-        keep = eligible.reshape(-1)
-    top_p, top_u = _lexicographic_top(flat_p[keep].to(torch.float64), flat_u[keep], k)
+    # The eligible entries only (padding is often half of a step's positions, and a top-k over a tensor full of
+    # -inf costs twice as much), then cut to those that can matter (>= the k-th largest priority, ties included)
+    # before the exact sort.
+    index = eligible.reshape(-1).nonzero().squeeze(1)
+    cand_p = priority.reshape(-1).index_select(0, index)
+    cand_u = uids.reshape(-1).index_select(0, index)
+    if cand_p.numel() > k:
+        keep = cand_p >= torch.topk(cand_p, k, sorted=False).values.min()
+        cand_p, cand_u = cand_p[keep], cand_u[keep]
+    top_p, top_u = _lexicographic_top(cand_p.to(torch.float64), cand_u, k)
     pad = k - top_p.numel()
     if pad:
         top_p = torch.cat([top_p, torch.full((pad,), float("-inf"), dtype=torch.float64, device=top_p.device)])
@@ -365,6 +366,17 @@ def distributed_top_k(
     ``k`` must be the same on every rank. One all-gather of ``k`` (priority, uid) pairs per rank.
     """
     top_p, top_u = merged_top_k(priority, uids, eligible, k, groups)
+    return chosen_from_merged(priority, uids, eligible, top_p, top_u, k, with_threshold=with_threshold)
+
+
+def chosen_from_merged(
+    priority: torch.Tensor, uids: torch.Tensor, eligible: torch.Tensor, top_p: torch.Tensor, top_u: torch.Tensor,
+    k: int, *, with_threshold: bool = False,
+):
+    """:func:`distributed_top_k` from a :func:`merged_top_k` answer of at least ``k`` entries: the first ``k`` of a
+    merged top-``K`` (``K >= k``) are the merged top-``k`` (one total order), so a longer answer serves a shorter
+    question without another collective."""
+    top_p, top_u = top_p[:k], top_u[:k]
     chosen = int((top_p > float("-inf")).sum())  # padding entries are -inf
     # Priorities came from this dtype exactly, so comparing in it is exact.
     threshold_p, threshold_u = top_p[k - 1].to(priority.dtype), top_u[k - 1]

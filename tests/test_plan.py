@@ -26,6 +26,7 @@ from nemo_entropy.selection import covariance_scores, exact_group_sums, select_t
 from .distributed import run_distributed_many
 
 KL_COV = {"method": "kl_cov", "kl_cov_ratio": 0.05}
+KL_COV_SHARED = {"method": "kl_cov", "kl_cov_ratio": 0.01}  # k within the diagnostics' top 2%: no own all-gather
 CLIP_COV = {"method": "clip_cov", "clip_cov_ratio": 2e-4, "clip_cov_lb": -100.0, "clip_cov_ub": 100.0}
 
 
@@ -120,28 +121,36 @@ def test_distributed_plan_properties():
         (_count_collectives, (KL_COV,)),
         (_count_collectives, (CLIP_COV,)),
         (_count_collectives, ({"method": "ppo"},)),
+        (_count_collectives, (KL_COV_SHARED,)),
         (_nan_in_covariance_scores, ()),
         (_default_uids_scenario, ()),
         (_bad_shape_rank, ()),
     ])
     cur, old, adv, mask, uids = _batch(seed=3, batch=8)
-    for job, cfg in zip(results[:3], (KL_COV, CLIP_COV, {"method": "ppo"})):
-        selection = cfg["method"] != "ppo"
+    # one all-reduce, one all-gather for the covariance diagnostics, one all-gather per other top-k (KL-Cov's
+    # top-k within the diagnostics' top 2% is read from theirs)
+    expected = {0: 3, 1: 3, 2: 2, 3: 2}
+    for index, cfg in enumerate((KL_COV, CLIP_COV, {"method": "ppo"}, KL_COV_SHARED)):
+        job = results[index]
         for planning, in_loss, _, _ in job:
             assert in_loss == 0, f"{cfg}: the micro-batch loss issued {in_loss} collectives"
-            # one all-reduce, one all-gather per top-k, one all-gather for the covariance diagnostics
-            assert planning == 2 + int(selection), f"{cfg}: {planning} collectives to plan the step"
+            assert planning == expected[index], f"{cfg}: {planning} collectives to plan the step"
         # and the 2-rank plan selects what one process selects, with the same diagnostics, bit for bit
         whole = build_step_plan(loss_config(cfg), StepInputs(old, adv, mask, uids), step=2)
         assert torch.equal(torch.cat([job[0][2], job[1][2]]), whole.selected)
         assert job[0][3] == job[1][3] == whole.values["diagnostics"]
-    for message in results[3]:
+        # and the diagnostics do not change the selection
+        plain = build_step_plan(loss_config({**cfg, "covariance_diagnostics": False}),
+                                StepInputs(old, adv, mask, uids), step=2)
+        assert torch.equal(plain.selected, whole.selected) and "diagnostics" not in plain.values
+    assert int(results[3][0][2].sum() + results[3][1][2].sum()) >= 1
+    for message in results[4]:
         assert message is not None and "NaN or inf" in message and "rank(s) [1]" in message
-    (count0, uids0), (count1, uids1) = results[4]
+    (count0, uids0), (count1, uids1) = results[5]
     assert round(count0 + count1) == selection_quota(2e-4, 4000) == 1
     assert not set(uids0.reshape(-1).tolist()) & set(uids1.reshape(-1).tolist())
-    assert "selected must be a bool tensor of shape (4, 24)" in results[5][0]
-    assert "rank(s) [0] rejected their inputs" in results[5][1]
+    assert "selected must be a bool tensor of shape (4, 24)" in results[6][0]
+    assert "rank(s) [0] rejected their inputs" in results[6][1]
 
 
 # ----------------------------------------------------------------------------------------------- diagnostics
