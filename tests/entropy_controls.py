@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -123,3 +124,39 @@ def our_loss(cfg, data: dict, plan, controls: ControlSet, *, micro_batch: int, r
         accumulate_metrics(metrics, m)
     return total, leaf.grad.double(), metrics
 
+
+
+def mean_old_entropy(data: dict) -> float:
+    """The step's mean old-policy entropy over its valid tokens, in float64."""
+    m = data["mask"].to(torch.float64)
+    return float((data["old_entropy"] * m).sum() / m.sum())
+
+
+def run_stateful(cfg, name: str, steps: int, *, seed: int, controls: ControlSet = None, first: int = 0):
+    """Plan, record and update ``steps`` optimizer steps of the stateful control ``name`` (step t uses batch seed
+    ``seed + t``, entropy scales cycling so that the mean entropy moves): ``(controls, [(plan values, mean old
+    entropy)] per step)``."""
+    controls = controls if controls is not None else ControlSet(cfg)
+    seen = []
+    for t in range(first, first + steps):
+        data = step_batch(seed=seed + t, scale=2.0 + (t % 3))
+        plan = plan_step(cfg, data, step=t, controls=controls)
+        seen.append((dict(plan.values[name]), mean_old_entropy(data)))
+        controls.update(plan)
+    return controls, seen
+
+
+def check_resume_continues_exactly(cfg, run, total: int, split: int) -> ControlSet:
+    """A run stopped after ``split`` of ``total`` steps, its state saved through JSON (as NeMo-RL's driver writes
+    it) and loaded into a fresh set, continues bit for bit like the uninterrupted run; returns the uninterrupted
+    run's controls. ``run(cfg, steps, controls=None, first=0)`` is :func:`run_stateful` bound to a control."""
+    whole, seen_whole = run(cfg, total)
+    first, seen_first = run(cfg, split)
+    saved = json.loads(json.dumps(first.state_dict()))
+    assert saved != ControlSet(cfg).state_dict(), "the state must have moved for the test to mean anything"
+    resumed = ControlSet(cfg)
+    resumed.load_state_dict(saved)
+    resumed, seen_rest = run(cfg, total - split, controls=resumed, first=split)
+    assert seen_first + seen_rest == seen_whole  # bit for bit
+    assert resumed.state_dict() == whole.state_dict()
+    return whole

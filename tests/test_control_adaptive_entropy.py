@@ -4,15 +4,14 @@ coefficient's trajectory against the rule written out by hand, and its state: a 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from nemo_entropy.config import loss_config
 from nemo_entropy.controls import ControlSet
 
-from .entropy_controls import entropy64, our_loss, plan_step, reference_loss, step_batch
+from .entropy_controls import (check_resume_continues_exactly, entropy64, our_loss, plan_step, reference_loss,
+                              run_stateful, step_batch)
 
 BASE = {"method": "adaptive_entropy", "entropy_coef": 0.25, "entropy_coef_delta": 0.05, "entropy_coef_min": 0.1,
         "entropy_coef_max": 0.35}
@@ -35,20 +34,8 @@ def test_gated_bonus_loss_and_logit_gradient_match_float64(target, open_gate):
 
 
 def _run(cfg, steps, controls=None, first=0):
-    """Plan, record and update ``steps`` optimizer steps (step t uses batch seed 100 + t)."""
-    controls = controls if controls is not None else ControlSet(cfg)
-    seen = []
-    for t in range(first, first + steps):
-        data = step_batch(seed=100 + t, scale=2.0 + (t % 3))  # entropies on both sides of the target
-        plan = plan_step(cfg, data, step=t, controls=controls)
-        seen.append((dict(plan.values["adaptive_entropy"]), float(normalise_mean(data))))
-        controls.update(plan)
-    return controls, seen
-
-
-def normalise_mean(data):
-    m = data["mask"].to(torch.float64)
-    return (data["old_entropy"] * m).sum() / m.sum()
+    """``steps`` optimizer steps from batch seed 100 (entropies on both sides of the target)."""
+    return run_stateful(cfg, "adaptive_entropy", steps, seed=100, controls=controls, first=first)
 
 
 def test_coefficient_follows_the_rule_written_out_by_hand():
@@ -69,15 +56,7 @@ def test_coefficient_follows_the_rule_written_out_by_hand():
 
 def test_a_restored_state_continues_exactly_like_the_uninterrupted_run():
     cfg = loss_config({**BASE, "entropy_target": 1.2})
-    whole, seen_whole = _run(cfg, 8)
-    first, seen_first = _run(cfg, 3)
-    saved = json.loads(json.dumps(first.state_dict()))  # NeMo-RL's driver writes it as JSON
-    assert saved != ControlSet(cfg).state_dict(), "the state must have moved for the test to mean anything"
-    resumed = ControlSet(cfg)
-    resumed.load_state_dict(saved)
-    resumed, seen_rest = _run(cfg, 5, controls=resumed, first=3)
-    assert seen_first + seen_rest == seen_whole  # bit for bit
-    assert resumed.state_dict() == whole.state_dict()
+    whole = check_resume_continues_exactly(cfg, _run, total=8, split=3)
     # update() is a function of the plan alone: a second set fed the same plans ends in the same state.
     twin = ControlSet(cfg)
     for t in range(8):

@@ -4,15 +4,14 @@ objective (the clamped entropy by sorting), the coefficient's trajectory against
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from nemo_entropy.config import loss_config
 from nemo_entropy.controls import ControlSet
 
-from .entropy_controls import clamped_entropy64, entropy64, normalise64, our_loss, plan_step, reference_loss, step_batch
+from .entropy_controls import (check_resume_continues_exactly, clamped_entropy64, entropy64, normalise64, our_loss,
+                              plan_step, reference_loss, run_stateful, step_batch)
 
 BASE = {"method": "aent", "aent_coef": 0.2, "aent_clamp": 0.3, "aent_entropy_low": 0.9, "aent_entropy_high": 1.2,
         "aent_coef_lr": 0.1, "aent_coef_box_low": 0.05, "aent_coef_box_high": 0.25, "aent_warmup_steps": 2}
@@ -47,15 +46,8 @@ def test_clamped_bonus_loss_and_logit_gradient_match_float64(adaptive, token_lev
 
 
 def _run(cfg, steps, controls=None, first=0):
-    controls = controls if controls is not None else ControlSet(cfg)
-    seen = []
-    for t in range(first, first + steps):
-        data = step_batch(seed=300 + t, scale=2.0 + (t % 3))  # mean old entropy about 1.4, 1.0, 0.8
-        plan = plan_step(cfg, data, step=t, controls=controls)
-        m = data["mask"].to(torch.float64)
-        seen.append((dict(plan.values["aent"]), float((data["old_entropy"] * m).sum() / m.sum())))
-        controls.update(plan)
-    return controls, seen
+    """``steps`` optimizer steps from batch seed 300 (mean old entropy about 1.4, 1.0, 0.8 in turn)."""
+    return run_stateful(cfg, "aent", steps, seed=300, controls=controls, first=first)
 
 
 def test_coefficient_follows_the_rule_written_out_by_hand():
@@ -77,14 +69,7 @@ def test_coefficient_follows_the_rule_written_out_by_hand():
 
 def test_a_restored_state_continues_exactly_like_the_uninterrupted_run():
     cfg = loss_config(BASE)
-    whole, seen_whole = _run(cfg, 9)
-    first, seen_first = _run(cfg, 5)
-    assert first.state_dict() != ControlSet(cfg).state_dict(), "the state must have moved for the test to mean anything"
-    resumed = ControlSet(cfg)
-    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
-    resumed, seen_rest = _run(cfg, 4, controls=resumed, first=5)
-    assert seen_first + seen_rest == seen_whole
-    assert resumed.state_dict() == whole.state_dict()
+    check_resume_continues_exactly(cfg, _run, total=9, split=5)
     constant = loss_config({**BASE, "aent_adaptive_coef": False})
     assert ControlSet(constant).state_dict() == {}
     with pytest.raises(ValueError, match="cannot load state"):

@@ -4,7 +4,6 @@ and its state (the integral) across a restore."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -13,7 +12,8 @@ import torch
 from nemo_entropy.config import loss_config
 from nemo_entropy.controls import ControlSet
 
-from .entropy_controls import our_loss, plan_step, reference_loss, step_batch
+from .entropy_controls import (check_resume_continues_exactly, mean_old_entropy, our_loss, plan_step, reference_loss,
+                              run_stateful, step_batch)
 
 BASE = {"method": "entropy_pi", "entropy_pi_target": 1.2, "entropy_pi_kp": 1.0, "entropy_pi_ki": 0.01}
 
@@ -27,11 +27,6 @@ def _peaked_batch(seed):
     return data
 
 
-def _mean_old_entropy(data):
-    m = data["mask"].to(torch.float64)
-    return float((data["old_entropy"] * m).sum() / m.sum())
-
-
 @pytest.mark.parametrize("integral,threshold,micro_batch", [(0.0, 0.95, 3), (30.0, 0.6, 1), (-500.0, 0.6, 8)])
 def test_reweighting_loss_and_logit_gradient_match_float64(integral, threshold, micro_batch):
     data = _peaked_batch(seed=41)
@@ -39,7 +34,7 @@ def test_reweighting_loss_and_logit_gradient_match_float64(integral, threshold, 
     controls = ControlSet(cfg)
     controls.load_state_dict({"entropy_pi": {"integral": integral}})
     plan = plan_step(cfg, data, step=0, controls=controls)
-    u = min(max(1.0 * (1.2 - _mean_old_entropy(data)) + 0.01 * integral, -1.0), 1.0)  # PI signal, clipped
+    u = min(max(1.0 * (1.2 - mean_old_entropy(data)) + 0.01 * integral, -1.0), 1.0)  # PI signal, clipped
     assert plan.values["entropy_pi"]["control"] == pytest.approx(u, abs=1e-6)
     loss, grad, metrics = our_loss(cfg, data, plan, controls, micro_batch=micro_batch)
 
@@ -86,14 +81,8 @@ def test_below_the_target_positive_tokens_lose_weight_and_negative_tokens_gain_i
 
 
 def _run(cfg, steps, controls=None, first=0):
-    controls = controls if controls is not None else ControlSet(cfg)
-    seen = []
-    for t in range(first, first + steps):
-        data = step_batch(seed=400 + t, scale=2.0 + (t % 3))
-        plan = plan_step(cfg, data, step=t, controls=controls)
-        seen.append((dict(plan.values["entropy_pi"]), _mean_old_entropy(data)))
-        controls.update(plan)
-    return controls, seen
+    """``steps`` optimizer steps from batch seed 400."""
+    return run_stateful(cfg, "entropy_pi", steps, seed=400, controls=controls, first=first)
 
 
 def test_pi_controller_follows_the_rule_written_out_by_hand():
@@ -114,14 +103,7 @@ def test_pi_controller_follows_the_rule_written_out_by_hand():
 
 def test_a_restored_state_continues_exactly_like_the_uninterrupted_run():
     cfg = loss_config(BASE)
-    whole, seen_whole = _run(cfg, 7)
-    first, seen_first = _run(cfg, 3)
-    assert first.state_dict() != ControlSet(cfg).state_dict(), "the state must have moved for the test to mean anything"
-    resumed = ControlSet(cfg)
-    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
-    resumed, seen_rest = _run(cfg, 4, controls=resumed, first=3)
-    assert seen_first + seen_rest == seen_whole
-    assert resumed.state_dict() == whole.state_dict()
+    whole = check_resume_continues_exactly(cfg, _run, total=7, split=3)
     empty = step_batch(seed=1)
     empty["mask"][:] = False
     before = whole.state_dict()
