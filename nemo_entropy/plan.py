@@ -45,6 +45,7 @@ from .selection import (
 DIAGNOSTICS = "diagnostics"
 """The plan values' name for the step's diagnostics (not a control name)."""
 CONCENTRATION_FRACTIONS = (0.0002, 0.002, 0.02)
+"""The fractions of the covariance-concentration diagnostics (the paper's 0.02%, and 0.2%, 2%)."""
 
 if TYPE_CHECKING:
     from .config import LossConfig
@@ -185,6 +186,23 @@ def concentration_top_k(scores, uids, mask, n_tokens, groups) -> Optional[tuple[
     return merged_top_k(scores, uids, mask, selection_quota(max(CONCENTRATION_FRACTIONS), n_tokens), groups)
 
 
+def fraction_tag(fraction: float) -> str:
+    """``0.0002 -> "0.02pct"``: the fraction as a percent, for metric names."""
+    return f"{fraction * 100:g}pct"
+
+
+def concentration_sums(top: torch.Tensor, n: int, fractions=CONCENTRATION_FRACTIONS) -> list[tuple[float, int, float]]:
+    """Per fraction ``f``: ``(f, k, sum of the k largest scores)`` with ``k = max(1, floor(f n))`` (the controls'
+    quota, :func:`selection_quota`), from ``top``, the largest scores of ``n`` in descending order (at least the
+    ``max(k)`` largest; -inf padding is dropped, and ``k`` is cut to what is left)."""
+    running = torch.cumsum(top[torch.isfinite(top)].to(torch.float64), 0)
+    out = []
+    for fraction in fractions:
+        k = min(selection_quota(fraction, n), int(running.numel()))
+        out.append((float(fraction), k, float(running[k - 1])))
+    return out
+
+
 def covariance_diagnostics(top, n_tokens, mean_l, mean_x, sums) -> dict[str, float]:
     """The paper's diagnostics of one step, exact over the token group, from the plan's sums and ``top``, the
     merged top 2% of the scores (:func:`concentration_top_k`).
@@ -201,13 +219,9 @@ def covariance_diagnostics(top, n_tokens, mean_l, mean_x, sums) -> dict[str, flo
     sum_lx, sum_pa, sum_lpa = (float(t) for t in sums)
     n = float(n_tokens)
     total = sum_lx - n * float(mean_l) * float(mean_x)
-    top_p = top[0]
-    running = torch.cumsum(top_p[torch.isfinite(top_p)], 0)
     out = {"cov_overall_mean": total / n}
-    for fraction in CONCENTRATION_FRACTIONS:
-        k = min(selection_quota(fraction, n_tokens), int(running.numel()))
-        top_sum = float(running[k - 1])
-        tag = f"{fraction * 100:g}pct"
+    for fraction, k, top_sum in concentration_sums(top[0], n_tokens):
+        tag = fraction_tag(fraction)
         out[f"cov_top_{tag}_share"] = top_sum / total if total != 0.0 else 0.0
         out[f"cov_top_{tag}_mean"] = top_sum / k
     out["entropy_change_predicted"] = -(sum_lpa / n - float(mean_l) * sum_pa / n)
@@ -218,7 +232,7 @@ def diagnostic_metric_names() -> list[str]:
     """The metric names :func:`covariance_diagnostics` produces (token shares in the loss's metrics)."""
     names = ["cov_overall_mean", "entropy_change_predicted"]
     for fraction in CONCENTRATION_FRACTIONS:
-        names += [f"cov_top_{fraction * 100:g}pct_share", f"cov_top_{fraction * 100:g}pct_mean"]
+        names += [f"cov_top_{fraction_tag(fraction)}_share", f"cov_top_{fraction_tag(fraction)}_mean"]
     return names
 
 

@@ -24,9 +24,12 @@ from typing import Sequence
 
 import torch
 
+from ..plan import CONCENTRATION_FRACTIONS as DEFAULT_FRACTIONS
+from ..plan import concentration_sums, fraction_tag
 from ..selection import selection_quota
 
-DEFAULT_FRACTIONS = (0.0002, 0.002, 0.02)
+__all__ = ["DEFAULT_FRACTIONS", "ConcentrationLevel", "covariance_concentration", "covariance_concentration_metrics",
+           "fraction_tag"]
 
 
 @dataclass(frozen=True)
@@ -61,24 +64,16 @@ def covariance_concentration(scores, fractions: Sequence[float] = DEFAULT_FRACTI
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
             raise ValueError(f"concentration fraction {f!r} must be in (0, 1]")
     scores = scores.detach().to(torch.float64)
-    quotas = [selection_quota(f, n) for f in fractions]
     # One sort of the largest max(k) scores serves every fraction: their running sums are the top-k sums.
-    top = torch.topk(scores, max(quotas), sorted=True).values
-    running = torch.cumsum(top, 0)
+    top = torch.topk(scores, max(selection_quota(f, n) for f in fractions), sorted=True).values
     total = float(scores.sum())
     overall_mean = total / n
     levels = []
-    for f, k in zip(fractions, quotas):
-        top_sum = float(running[k - 1])
+    for f, k, top_sum in concentration_sums(top, n, fractions):
         share = top_sum / total if total != 0.0 else math.nan
         levels.append(ConcentrationLevel(fraction=float(f), k=k, n=n, share=share, top_mean=top_sum / k,
                                          overall_mean=overall_mean))
     return levels
-
-
-def fraction_tag(fraction: float) -> str:
-    """``0.0002 -> "0.02pct"``: the fraction as a percent, for metric names."""
-    return f"{fraction * 100:g}pct"
 
 
 def covariance_concentration_metrics(scores, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> dict[str, float]:
