@@ -258,8 +258,8 @@ def main(argv=None) -> int:
     print(f"# bf16 logits, N = {args.rows} rows, {where}, torch {torch.__version__}, best of {args.repeat}")
     print("# time ratio = naive time / method time (higher is faster); memory = peak extra / bf16 shard size")
     if roofline:
-        print(f"# GB/s = roofline bytes (bf16: 2V+24 per token fwd, 6V+52 fwd+bwd; docs/kernels.md) / time; "
-              f"peak memory bandwidth: " + (f"{peak_gbps:.0f} GB/s ({peak_source})" if peak_gbps else peak_source))
+        print("# GB/s = roofline bytes (bf16: 2V+24 per token fwd, 6V+52 fwd+bwd; docs/kernels.md) / time; "
+              "peak memory bandwidth: " + (f"{peak_gbps:.0f} GB/s ({peak_source})" if peak_gbps else peak_source))
         if cuda:
             copy = copy_bandwidth_gbps(device)
             share = f" = {copy / peak_gbps:.0%} of peak" if peak_gbps else ""
@@ -292,7 +292,7 @@ def main(argv=None) -> int:
                     cells += [f"{extra / MiB:.0f}", f"{extra / shard_bytes:.1%}"]
                 print(f"| {width} | {mode} | {name} | " + " | ".join(cells) + " |", flush=True)
         del logits
-    print(f"# shard sizes (bf16): " + ", ".join(f"{w}: {args.rows * w * 2 / MiB:.0f} MiB" for w in args.widths))
+    print("# shard sizes (bf16): " + ", ".join(f"{w}: {args.rows * w * 2 / MiB:.0f} MiB" for w in args.widths))
     return 0
 
 

@@ -22,7 +22,6 @@ Three families of keys, all flat in ``loss_fn:`` (so a verl recipe translates ke
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from .parallel import GroupsLike, ParallelGroups, as_groups
+from .parallel import GroupsLike, as_groups
 
 if TYPE_CHECKING:
     from .config import LossConfig

@@ -69,7 +69,6 @@ def _nemo_rl_batch(seed):
 def _reference(name, logits, data, rows, gvt):
     """float64 loss of ``rows`` and its gradient with respect to their logits, from the formulas and the step's
     measured old entropy (fresh controls: the first step's coefficients)."""
-    cfg = CONFIGS[name]
     m_all = (data["token_mask"][:, 1:] * data["sample_mask"][:, None]).bool()
     h_old = float((data[batch_keys.OLD_ENTROPY][:, 1:].double() * m_all).sum() / m_all.sum())
     x = logits[rows].clone().requires_grad_(True)

@@ -17,7 +17,6 @@ import torch
 
 from nemo_entropy.config import loss_config
 from nemo_entropy.integrations import EntropyControlLossFn, attach_batch_selection
-from nemo_entropy.integrations import batch_keys
 from nemo_entropy.plan import plan_from_batch
 
 D = torch.float64

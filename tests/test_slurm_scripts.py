@@ -6,7 +6,6 @@ The real cluster runs are in test_slurm_cluster.py; these take seconds and run e
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import shutil

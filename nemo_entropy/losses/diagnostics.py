@@ -7,7 +7,7 @@ Every value is this micro-batch's share of the step's token mean (:mod:`nemo_ent
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 

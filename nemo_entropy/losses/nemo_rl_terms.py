@@ -18,7 +18,7 @@ Deliberate differences from NeMo-RL, each documented where it happens:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 

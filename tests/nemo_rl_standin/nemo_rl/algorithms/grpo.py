@@ -5,7 +5,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional, TypedDict
+from typing import Optional, TypedDict
 
 import torch
 
