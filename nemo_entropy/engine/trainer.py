@@ -30,6 +30,7 @@ from nemo_entropy.controls import ControlSet
 from nemo_entropy.losses import accumulate_metrics, metric_reduction, policy_loss
 from nemo_entropy.parallel import ParallelGroups, ProcessGroup, new_subgroups, tp_all_reduce
 from nemo_entropy.plan import StepInputs, build_step_plan
+from nemo_entropy.selection import token_uids_for
 
 from .checkpoint import latest_complete_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog, entropy_summary, read_metrics, update_run_info, write_run_info
@@ -225,7 +226,7 @@ class GRPOTrainer:
             rows = slice(j * per_rank, (j + 1) * per_rank)
             old, mask = rollout.old_logprobs[rows], rollout.mask[rows]
             adv = rollout.advantages[rows, None].expand(-1, length).contiguous()
-            uids = rollout.sample_ids[rows, None] * length + torch.arange(length)
+            uids = token_uids_for(rollout.sample_ids[rows], length)
             # Every collective of the step's controls happens here, once (nemo_entropy.plan).
             plan = build_step_plan(cfg, StepInputs(old, adv, mask, uids, old_entropy=rollout.entropy[rows]),
                                    step=self.optimizer_step, groups=groups, controls=self.controls)
