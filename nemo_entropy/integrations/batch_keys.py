@@ -8,6 +8,10 @@ token's entry next to the token.
 
 from __future__ import annotations
 
+from typing import Any, Mapping, Optional
+
+import torch
+
 from ..plan import PREFIX as PLAN_PREFIX
 
 TOKEN_UIDS = "entropy_token_uids"
@@ -22,4 +26,13 @@ PLAN = f"{PLAN_PREFIX}.*"
 the exact covariance scores), ``entropy_plan.<control>.<value>`` (per-token [B, S], ``:bool`` suffix for masks, or
 per-step [B]), e.g. ``entropy_plan.kl_cov.selected:bool``."""
 
-__all__ = ["PLAN_PREFIX", "TOKEN_UIDS", "STEP", "OLD_ENTROPY", "PLAN"]
+
+
+def valid_token_mask(data: Mapping[str, Any], rows: Any = slice(None), device: Optional[torch.device] = None):
+    """NeMo-RL's valid next-token positions of ``rows``, as ``ClippedPGLossFn`` computes them: bool
+    ``token_mask[rows, 1:] * sample_mask[rows, None] != 0`` ([rows, S - 1]), on ``device`` if given."""
+    mask = (data["token_mask"][rows, 1:] * data["sample_mask"][rows].unsqueeze(-1)) != 0
+    return mask if device is None else mask.to(device)
+
+
+__all__ = ["PLAN_PREFIX", "TOKEN_UIDS", "STEP", "OLD_ENTROPY", "PLAN", "valid_token_mask"]

@@ -69,7 +69,7 @@ def attach_batch_selection(
     Returns the number of optimizer steps in the batch (the caller advances its step counter by it).
     """
     controls = controls if controls is not None else ControlSet(config)
-    token_mask, sample_mask = train_data["token_mask"], train_data["sample_mask"]
+    token_mask, valid = train_data["token_mask"], batch_keys.valid_token_mask(train_data)
     old_entropy = train_data.get(batch_keys.OLD_ENTROPY) if hasattr(train_data, "get") else None
     if attach_mask and "old_entropy" in controls.needs and old_entropy is None:
         raise KeyError(f"loss_fn controls {[c.name for c in controls if 'old_entropy' in c.needs]} need the old "
@@ -85,8 +85,7 @@ def attach_batch_selection(
         steps[rows] = step
         if not attach_mask:
             continue
-        mask = (token_mask[rows, 1:] * sample_mask[rows].unsqueeze(-1)) != 0
-        inputs = StepInputs(train_data["prev_logprobs"][rows, 1:], train_data["advantages"][rows, 1:], mask,
+        inputs = StepInputs(train_data["prev_logprobs"][rows, 1:], train_data["advantages"][rows, 1:], valid[rows],
                             uids[rows, 1:].contiguous(),
                             old_entropy=None if old_entropy is None else old_entropy[rows, 1:])
         plan = build_step_plan(config, inputs, step=step, controls=controls)

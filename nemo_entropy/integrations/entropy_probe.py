@@ -82,7 +82,7 @@ class OldEntropyProbe:
         data = call.data
         if batch_keys.TOKEN_UIDS not in data:
             raise KeyError(f"{batch_keys.TOKEN_UIDS!r} is missing: the driver attaches it before the entropy pass")
-        mask = (data["token_mask"][:, 1:] * data["sample_mask"].unsqueeze(-1)).to(entropy.device) != 0
+        mask = batch_keys.valid_token_mask(data, device=entropy.device)
         uids = data[batch_keys.TOKEN_UIDS][:, 1:].to(entropy.device)
         metrics = {"num_valid_samples": float(data["sample_mask"].sum()),
                    METRIC: TokenValues(uids[mask], entropy.detach().float()[mask])}

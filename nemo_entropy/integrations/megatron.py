@@ -141,7 +141,7 @@ def select_in_worker(
             f"{batch_keys.TOKEN_UIDS!r} is missing from the batch: attach it on the driver "
             "(BatchSelectionPolicy with mode='worker') so that every token has a layout-independent id"
         )
-    mask = (local_batch["token_mask"][:, 1:] * local_batch["sample_mask"].unsqueeze(-1)) != 0
+    mask = batch_keys.valid_token_mask(local_batch)
     old = torch.where(mask, local_batch["prev_logprobs"][:, 1:].float(), torch.zeros(()))
     adv = torch.where(mask, local_batch["advantages"][:, 1:].float(), torch.zeros(()))
     if step is None:

@@ -336,9 +336,8 @@ class EntropyControlLossFn:
     # ------------------------------------------------------------------ the loss proper
     def _loss(self, curr, entropy, data, global_valid_seqs, global_valid_toks, logit_values=None):
         cfg = self.config
-        token_mask = data["token_mask"][:, 1:]
         sample_mask = data["sample_mask"]
-        mask = (token_mask * sample_mask.unsqueeze(-1)).to(curr.device) != 0
+        mask = batch_keys.valid_token_mask(data, device=curr.device)
         if curr.shape != mask.shape:
             raise ValueError(
                 f"next-token log-probs have shape {tuple(curr.shape)} but token_mask[:, 1:] has {tuple(mask.shape)}"
