@@ -27,7 +27,6 @@ __all__ = ["main", "compose_config", "validate_run_config", "default_config_dir"
 DEFAULT_CONFIG_NAME = "local_kl_cov"
 BACKENDS = ("local", "nemo_rl")
 REQUIRED_SECTIONS = ("grpo", "loss_fn", "policy", "logger", "checkpointing", "cluster")
-OUR_SECTIONS = ("backend", "engine", "nemo_rl")  # never handed to NeMo-RL
 
 
 class NemoRLUnavailable(RuntimeError):
@@ -143,57 +142,37 @@ def _import_nemo_rl(config_name: str):
     return nemo_rl, grpo
 
 
-def nemo_rl_paths(plain: dict, nemo_rl_module: Any = None) -> tuple[Path, Path]:
-    """``(examples/run_grpo.py, base config)`` of the NeMo-RL checkout (``nemo_rl.root``, ``$NEMO_RL_ROOT``, or
-    the folder above the imported ``nemo_rl`` package)."""
-    section = plain["nemo_rl"]
-    root = section.get("root") or os.environ.get("NEMO_RL_ROOT")
-    if not root and nemo_rl_module is not None:
-        root = str(Path(nemo_rl_module.__file__).resolve().parent.parent)
-    if not root:
-        raise ValueError("nemo_rl.root is not set (and neither is $NEMO_RL_ROOT): point it at the NeMo-RL checkout")
-    return Path(root) / "examples" / "run_grpo.py", Path(root) / section["base_config"]
-
-
-def nemo_rl_config(plain: dict) -> dict:
-    """Our config minus our own sections: what is merged on top of NeMo-RL's base config."""
-    return {k: v for k, v in plain.items() if k not in OUR_SECTIONS}
-
-
-def run_nemo_rl(plain: dict, config_name: str) -> int:
-    """Run NeMo-RL's own GRPO example with our loss (built by its ``setup()``) and the per-step selection wrapper
-    on every training entry (:func:`nemo_entropy.integrations.nemo_rl_run.install`)."""
-    import runpy
-
-    from omegaconf import OmegaConf
-
-    from .integrations.megatron import parallel_layout
-    from .integrations.nemo_rl_run import check_nemo_rl_run_config, install
+def prepare_nemo_rl_run(plain: dict, config_name: str):
+    """NeMo-RL's base config with ours merged on top, resolved and validated (a
+    :class:`~nemo_entropy.integrations.nemo_rl_run.NemoRLRunConfig`): the one path the run entry and
+    ``nemo-entropy check-nemo-rl --config-name`` share. Raises :class:`NemoRLUnavailable` or ``ValueError``."""
+    from .integrations.nemo_rl_run import merge_onto_nemo_rl
 
     nemo_rl_module, grpo = _import_nemo_rl(config_name)
-    script, base = nemo_rl_paths(plain, nemo_rl_module)
-    for path, key in ((script, "nemo_rl.root"), (base, "nemo_rl.base_config")):
-        if not path.is_file():
-            raise ValueError(f"{key}: {path} does not exist in the NeMo-RL checkout")
-    from nemo_rl.utils.config import load_config  # type: ignore
+    return merge_onto_nemo_rl(plain, nemo_rl_module, grpo)
 
-    merged = OmegaConf.merge(load_config(str(base)), OmegaConf.create(nemo_rl_config(plain)))
-    section = plain["nemo_rl"]
-    # NeMo-RL's base config may turn on what ours left out (packing, the data plane, top-k): check the merge too,
-    # before Ray starts and any model is loaded.
-    merged_plain = OmegaConf.to_container(merged, resolve=True)
-    check_nemo_rl_run_config(merged_plain, section,
-                             data_parallel_size=parallel_layout({**merged_plain, "backend": "nemo_rl"}).dp)
+
+def run_nemo_rl(run, plain: dict) -> int:
+    """Run NeMo-RL's own GRPO example (``run``: from :func:`prepare_nemo_rl_run`) on the merged config, with our loss
+    (built by its ``setup()``) and the per-step selection wrapper on every training entry
+    (:func:`nemo_entropy.integrations.nemo_rl_run.install`)."""
+    import runpy
+
+    from nemo_rl.algorithms import grpo  # type: ignore  # imported by prepare_nemo_rl_run already
+    from omegaconf import OmegaConf
+
+    from .integrations.nemo_rl_run import install
+
     out_dir = Path(plain["logger"]["log_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     merged_path = out_dir / "nemo_rl_config.yaml"
-    OmegaConf.save(merged, merged_path)
-    install(grpo, section)
-    print(f"[nemo-entropy] running {script} --config {merged_path}", flush=True)
+    OmegaConf.save(run.config, merged_path)
+    install(grpo, run.options)
+    print(f"[nemo-entropy] running {run.script} --config {merged_path}", flush=True)
     argv = sys.argv
-    sys.argv = [str(script), "--config", str(merged_path)]
+    sys.argv = [str(run.script), "--config", str(merged_path)]
     try:
-        runpy.run_path(str(script), run_name="__main__")
+        runpy.run_path(str(run.script), run_name="__main__")
     finally:
         sys.argv = argv
     return 0
@@ -257,13 +236,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"# done: {result.get('steps', '?')} steps, outputs in {result.get('log_dir', '?')}")
         return 0
     try:
-        return run_nemo_rl(plain, args.config_name)
+        run = prepare_nemo_rl_run(plain, args.config_name)
     except NemoRLUnavailable as err:
         print(f"nemo-entropy train: {err}", file=sys.stderr)
         return 1
     except ValueError as err:
         print(f"nemo-entropy train: invalid config: {err}", file=sys.stderr)
         return 2
+    # Errors raised inside NeMo-RL's run are NeMo-RL's: they propagate with their traceback, never reported as
+    # a config error of ours.
+    return run_nemo_rl(run, plain)
 
 
 if __name__ == "__main__":

@@ -51,12 +51,22 @@ def _drop_nemo_rl_modules():
         del sys.modules[name]
 
 
+def _clear_nemo_rl_resolvers():
+    """A fresh process has none of NeMo-RL's OmegaConf resolvers until its code registers them."""
+    from omegaconf import OmegaConf
+
+    for name in ("add", "mul", "div", "max"):
+        if OmegaConf.has_resolver(name):
+            OmegaConf.clear_resolver(name)
+
+
 @pytest.fixture(params=["main", "v0.6"])
 def standin(request, monkeypatch):
     """The stand-in NeMo-RL of one generation on sys.path; yields the recorded loss calls."""
     monkeypatch.setenv("NEMO_RL_STANDIN_GENERATION", request.param)
     monkeypatch.syspath_prepend(str(STANDIN))
     _drop_nemo_rl_modules()
+    _clear_nemo_rl_resolvers()
     from nemo_rl.models.policy import lm_policy
 
     lm_policy.CALLS.clear()
@@ -281,10 +291,11 @@ def test_wrapped_policy_is_a_batch_selection_policy_reading_train_global_batch_s
 
 
 # ----------------------------------------------------------------------------------------------- preflight
-def _preflight(path: Path, generation: str) -> subprocess.CompletedProcess:
+def _preflight(path: Path, generation: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{path}{os.pathsep}{REPO}", "NEMO_RL_STANDIN_GENERATION": generation}
-    return subprocess.run([sys.executable, "-m", "nemo_entropy.cli", "check-nemo-rl"], env=env, capture_output=True,
-                          text=True, timeout=120)
+    env.pop("NEMO_RL_ROOT", None)
+    return subprocess.run([sys.executable, "-m", "nemo_entropy.cli", "check-nemo-rl", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("generation", ["main", "v0.6"])
@@ -316,6 +327,45 @@ def test_preflight_names_an_interface_changed_by_hand(tmp_path, edit, named):
     target.write_text(text.replace(old, new))
     out = _preflight(copy, "main")
     assert out.returncode == 1 and "INCOMPATIBLE" in out.stderr and named in out.stderr, out.stdout + out.stderr
+
+
+STANDIN_RUN = ["nemo_rl.base_config=examples/configs/base.yaml"]  # the stand-in's base config (has ${mul:...})
+
+
+def test_preflight_on_the_users_config_composes_merges_and_resolves_it_like_the_entry():
+    out = _preflight(STANDIN, "main", "--config-name", "grpo_32b_kl_cov", *STANDIN_RUN)
+    assert out.returncode == 0, out.stdout + out.stderr
+    line = next(x for x in out.stdout.splitlines() if x.startswith("ok    run config"))
+    assert "grpo_32b_kl_cov merged onto examples/configs/base.yaml" in line and "TP 8 x PP 1 x CP 1 x DP 4" in line
+    assert "12 checks passed" in out.stdout
+
+
+@pytest.mark.parametrize("edit,named", [
+    # NeMo-RL without the resolvers its base config uses: the run entry could not resolve the merged config
+    (("utils/config.py", "def register_omegaconf_resolvers():", "def _renamed_register_omegaconf_resolvers():"),
+     ["run config", "${mul:...}", "nemo_rl.utils.config.register_omegaconf_resolvers"]),
+    # ... or without the loader the entry reads NeMo-RL's base config with
+    (("utils/config.py", "def load_config(path):", "def _renamed_load_config(path):"),
+     ["run config", "nemo_rl.utils.config.load_config"]),
+])
+def test_preflight_on_the_users_config_names_a_missing_resolver_or_loader(tmp_path, edit, named):
+    copy = tmp_path / "nemo-rl"
+    shutil.copytree(STANDIN, copy)
+    path, old, new = edit
+    target = copy / "nemo_rl" / path
+    assert old in target.read_text()
+    target.write_text(target.read_text().replace(old, new))
+    out = _preflight(copy, "main", "--config-name", "grpo_32b_kl_cov", *STANDIN_RUN)
+    assert out.returncode == 1, out.stdout + out.stderr
+    (failure,) = [x for x in out.stderr.splitlines() if "INCOMPATIBLE" in x]
+    assert failure.startswith(f"check-nemo-rl: INCOMPATIBLE ({named[0]}): config 'grpo_32b_kl_cov'"), failure
+    for word in named[1:]:
+        assert word in failure, failure
+
+
+def test_preflight_refuses_overrides_without_a_config_name():
+    out = _preflight(STANDIN, "main", "loss_fn.kl_cov_ratio=0.1")
+    assert out.returncode == 2 and "need --config-name" in out.stderr
 
 
 # ----------------------------------------------------------------------------------------------- old entropy

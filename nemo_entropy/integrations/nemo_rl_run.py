@@ -25,8 +25,12 @@ dataclass (main). Nothing here imports NeMo-RL: the module objects are passed in
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import os
+import re
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from ..config import LossConfig, to_plain
@@ -42,6 +46,9 @@ __all__ = [
     "steps_per_rollout",
     "check_nemo_rl_run_config",
     "wrap_policy_for_step",
+    "OUR_SECTIONS",
+    "NemoRLRunConfig",
+    "merge_onto_nemo_rl",
 ]
 
 NEMO_RL_OPTIONS: dict[str, Any] = {
@@ -63,6 +70,9 @@ GRPO steps through a whole run (``current_step`` of ``grpo_train`` restarts at e
 REQUIRED_ENTRY_PARAMETERS = ("policy", "loss_fn", "grpo_save_state", "master_config")
 
 _WRAPPED = "__nemo_entropy_wrapped__"
+
+OUR_SECTIONS = ("backend", "engine", "nemo_rl")
+"""Sections of our run config that NeMo-RL never sees (everything else is merged onto its base config)."""
 
 
 # ----------------------------------------------------------------------------------------------- config access
@@ -216,6 +226,92 @@ def _check_controls_inputs(config: Mapping[str, Any], options: Mapping[str, Any]
             raise ValueError(
                 f"loss_fn controls {any_entropy} need the full-vocabulary entropy, computed from whole sequences on "
                 f"each rank: policy.{backend}.context_parallel_size={cp} is not supported with them (use 1)")
+
+
+# ----------------------------------------------------------------------------------------------- the merged config
+@dataclasses.dataclass(frozen=True)
+class NemoRLRunConfig:
+    """What the run entry hands NeMo-RL: its base config with ours merged on top, resolved and validated."""
+
+    root: Path            # the NeMo-RL checkout
+    script: Path          # examples/run_grpo.py
+    base_config: Path     # nemo_rl.base_config
+    config: Any           # OmegaConf DictConfig, resolved (what nemo_rl_config.yaml holds)
+    plain: dict           # the same as plain containers (what run_grpo.py validates as MasterConfig)
+    options: dict         # our nemo_rl: section
+
+
+def _nemo_rl_root(section: Mapping[str, Any], nemo_rl_module: Any) -> Path:
+    root = section.get("root") or os.environ.get("NEMO_RL_ROOT")
+    if not root and nemo_rl_module is not None:
+        root = str(Path(nemo_rl_module.__file__).resolve().parent.parent)
+    if not root:
+        raise ValueError("nemo_rl.root is not set (and neither is $NEMO_RL_ROOT): point it at the NeMo-RL checkout")
+    return Path(root)
+
+
+def _resolver_problem(err: Exception, registered: bool) -> Optional[str]:
+    match = re.search(r"Unsupported interpolation type (\w+)", str(err))
+    if match is None:
+        return None
+    how = ("nemo_rl.utils.config.register_omegaconf_resolvers() does not register it" if registered else
+           "this NeMo-RL has no nemo_rl.utils.config.register_omegaconf_resolvers (examples/run_grpo.py registers "
+           "its resolvers there)")
+    return f"the config uses the resolver ${{{match.group(1)}:...}} and {how}"
+
+
+def merge_onto_nemo_rl(plain: Mapping[str, Any], nemo_rl_module: Any, grpo_module: Any) -> NemoRLRunConfig:
+    """Our validated run config (``plain``, with a filled-in ``nemo_rl`` section) merged onto NeMo-RL's base config
+    exactly as ``examples/run_grpo.py`` will read it: NeMo-RL's ``load_config`` (``defaults:`` inheritance), its
+    OmegaConf resolvers registered first (its base configs use ``${mul:...}``), resolved, checked for the
+    combinations the plugin refuses, and validated as NeMo-RL's ``MasterConfig``.
+
+    The run entry and ``nemo-entropy check-nemo-rl --config-name`` both call this one function, so the preflight
+    checks the very config the run will use. Errors are ``ValueError`` naming the key or the missing interface.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .megatron import parallel_layout
+
+    section = dict(plain["nemo_rl"])
+    root = _nemo_rl_root(section, nemo_rl_module)
+    script, base = root / "examples" / "run_grpo.py", root / section["base_config"]
+    for path, key in ((script, "nemo_rl.root"), (base, "nemo_rl.base_config")):
+        if not path.is_file():
+            raise ValueError(f"{key}: {path} does not exist in the NeMo-RL checkout")
+    try:
+        from nemo_rl.utils import config as config_utils  # type: ignore
+    except ImportError as err:
+        raise ValueError(f"cannot import nemo_rl.utils.config (NeMo-RL's config loader): {err}") from err
+    load_config = getattr(config_utils, "load_config", None)
+    if load_config is None:
+        raise ValueError("this NeMo-RL has no nemo_rl.utils.config.load_config: the run entry loads the base config "
+                         "with it, as examples/run_grpo.py does")
+    register = getattr(config_utils, "register_omegaconf_resolvers", None)
+    if register is not None:
+        register()
+    ours = {k: v for k, v in plain.items() if k not in OUR_SECTIONS}
+    try:
+        merged = OmegaConf.merge(load_config(str(base)), OmegaConf.create(ours))
+        merged_plain = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as err:
+        problem = _resolver_problem(err, register is not None)
+        detail = problem or str(err).strip().replace("\n", "; ")
+        raise ValueError(f"NeMo-RL's {section['base_config']} merged with this config does not resolve: {detail}"
+                         ) from err
+    # NeMo-RL's base config may turn on what ours left out (packing, the data plane, top-k): check the merge too,
+    # before Ray starts and any model is loaded.
+    check_nemo_rl_run_config(merged_plain, section,
+                             data_parallel_size=parallel_layout({**merged_plain, "backend": "nemo_rl"}).dp)
+    master_config = getattr(grpo_module, "MasterConfig", None)
+    if master_config is not None and hasattr(master_config, "model_validate"):
+        try:  # as examples/run_grpo.py: MasterConfig(**config) after resolving
+            master_config(**merged_plain)
+        except Exception as err:  # pydantic's ValidationError: name every field it rejects
+            raise ValueError(f"NeMo-RL's MasterConfig rejects the merged config: {err}") from err
+    return NemoRLRunConfig(root=root, script=script, base_config=base, config=OmegaConf.create(merged_plain),
+                           plain=merged_plain, options=section)
 
 
 # ----------------------------------------------------------------------------------------------- wrapping

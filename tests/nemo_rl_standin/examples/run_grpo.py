@@ -6,10 +6,11 @@ from omegaconf import OmegaConf
 
 import nemo_rl
 from nemo_rl.algorithms.grpo import MasterConfig, grpo_train, setup
-from nemo_rl.utils.config import load_config
+from nemo_rl.utils.config import load_config, register_omegaconf_resolvers
 
 
 def main():
+    register_omegaconf_resolvers()
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True)
     args, _ = parser.parse_known_args()
