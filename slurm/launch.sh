@@ -402,11 +402,13 @@ launch_nemo_rl() {
     worker_ports=$(ray_ports 1)
 
     # Preflight: the NeMo-RL installed where the driver runs (inside the container) must have every
-    # interface the entry relies on. A mismatch stops the job here, in seconds, before Ray starts and
-    # any model is loaded, naming the first incompatibility.
-    say "preflight: nemo-entropy check-nemo-rl on $HEAD_NODE (log $LOG_DIR/preflight.log)"
+    # interface the entry relies on, and this job's config (the same name and overrides as the driver's)
+    # must merge onto NeMo-RL's base config, resolve and validate exactly as the entry will do it. A
+    # mismatch stops the job here, in seconds, before Ray starts and any model is loaded, naming the cause.
+    say "preflight: nemo-entropy check-nemo-rl --config-name $CONFIG_NAME on $HEAD_NODE (log $LOG_DIR/preflight.log)"
     if ! run "${SRUN[@]}" --nodes=1 --ntasks=1 --nodelist="$HEAD_NODE" --output="$LOG_DIR/preflight.log" \
-        "$PYTHON" -m nemo_entropy.cli check-nemo-rl; then
+        "$PYTHON" -m nemo_entropy.cli check-nemo-rl --config-dir "$CONFIG_DIR" --config-name "$CONFIG_NAME" \
+        "${OVERRIDES[@]}"; then
         say "cannot start: the installed NeMo-RL does not fit this plugin:"
         grep -E '^(FAIL|check-nemo-rl)' "$LOG_DIR/preflight.log" 2>/dev/null | while IFS= read -r line; do say "  $line"; done
         exit 2

@@ -109,7 +109,10 @@ def test_dry_run_nemo_rl_prints_ray_head_workers_and_driver(tmp_path):
     sruns = [c for c in planned(result.stdout) if c.startswith("srun ")]
     preflight, head, workers, driver = sruns  # the preflight runs before Ray starts
     assert "--nodes=1 --ntasks=1 --nodelist=node1" in preflight
-    assert preflight.endswith("python -m nemo_entropy.cli check-nemo-rl")
+    # the preflight checks this job's config: the driver's config name and overrides, composed the same way
+    train_args = driver.split("python -m nemo_entropy.train ", 1)[1].removesuffix(" &")
+    assert preflight.endswith(f"python -m nemo_entropy.cli check-nemo-rl {train_args}")
+    assert "--config-name grpo_32b_kl_cov" in train_args and "logger.log_dir=" in train_args
     for step in sruns:
         assert f"'--container-image={image}'" in step
         assert f"--container-mounts={tmp_path}:/data,{REPO}:{REPO}" in step

@@ -272,10 +272,32 @@ CHECKS: list[tuple[str, Callable[[dict], str]]] = [
 ]
 
 
-def run_checks(report: Callable[[str], None] = print) -> Optional[tuple[str, str]]:
-    """Run every check in order, reporting each; returns ``(check, problem)`` of the first failure, or None."""
-    ctx: dict = {}
-    for name, check in CHECKS:
+def check_run_config(ctx: dict) -> str:
+    """The user's run config, composed, merged onto NeMo-RL's base config and resolved by the very function the run
+    entry uses (:func:`nemo_entropy.train.prepare_nemo_rl_run`), then validated as NeMo-RL's ``MasterConfig``."""
+    from ..train import NemoRLUnavailable, compose_config, prepare_nemo_rl_run, validate_run_config
+
+    name = ctx["config_name"]
+    try:
+        plain, loss, layout = validate_run_config(compose_config(name, ctx["overrides"], ctx.get("config_dir")))
+        if plain["backend"] != "nemo_rl":
+            raise Incompatible(f"config {name!r} has backend={plain['backend']!r}: only backend=nemo_rl runs NeMo-RL")
+        run = prepare_nemo_rl_run(plain, name)
+    except (ValueError, NemoRLUnavailable) as err:
+        raise Incompatible(f"config {name!r}: {err}") from err
+    return (f"{name} merged onto {run.options['base_config']}, resolved, MasterConfig valid: {layout.describe()}, "
+            f"loss {loss.method}")
+
+
+def run_checks(report: Callable[[str], None] = print, *, config_name: Optional[str] = None,
+               overrides: Sequence[str] = (), config_dir: Optional[str] = None) -> Optional[tuple[str, str]]:
+    """Run every check in order, reporting each; returns ``(check, problem)`` of the first failure, or None.
+
+    With ``config_name`` the last check composes that run config with ``overrides`` exactly as the run entry will
+    (``check_run_config``)."""
+    ctx: dict = {"config_name": config_name, "overrides": list(overrides), "config_dir": config_dir}
+    checks = CHECKS + ([("run config", check_run_config)] if config_name else [])
+    for name, check in checks:
         try:
             report(f"ok    {name:<17} {check(ctx)}")
         except Incompatible as err:
@@ -290,14 +312,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         description="Check that the installed NeMo-RL has every interface nemo-entropy's run entry and loss adapter "
                     "rely on; exits 1 naming the first incompatibility. Put the NeMo-RL checkout on PYTHONPATH.",
     )
-    parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    parser.add_argument("--config-name", default=None,
+                        help="also compose this run config (conf/NAME.yaml) with the overrides, merge it onto NeMo-RL's "
+                             "base config and resolve and validate it exactly as `python -m nemo_entropy.train` will")
+    parser.add_argument("--config-dir", default=None, help="config folder (default: the repository's conf/)")
+    args, overrides = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    flags = [o for o in overrides if o.startswith("-")]
+    if flags or (overrides and args.config_name is None):
+        parser.error(f"unrecognized arguments: {' '.join(flags or overrides)} (Hydra overrides need --config-name)")
     started = time.perf_counter()
-    failure = run_checks()
+    failure = run_checks(config_name=args.config_name, overrides=overrides, config_dir=args.config_dir)
     seconds = time.perf_counter() - started
     if failure is not None:
         print(f"check-nemo-rl: INCOMPATIBLE ({failure[0]}): {failure[1]}  [{seconds:.1f} s]", file=sys.stderr)
         return 1
-    print(f"check-nemo-rl: compatible, {len(CHECKS)} checks passed in {seconds:.1f} s")
+    count = len(CHECKS) + (args.config_name is not None)
+    print(f"check-nemo-rl: compatible, {count} checks passed in {seconds:.1f} s")
     return 0
 
 
