@@ -103,9 +103,18 @@ class LossRecorder:
 # ----------------------------------------------------------------------------------------------- the worker
 def _build_optimizer_and_scheduler(model: torch.nn.Module, cfg: dict[str, Any]):
     """``policy.optimizer`` / ``policy.scheduler`` as NeMo-RL configs describe them (class path + kwargs; a list of
-    schedulers with ``milestones`` is a ``SequentialLR``)."""
+    schedulers with ``milestones`` is a ``SequentialLR``). A Megatron config (``policy.optimizer: null``,
+    ``policy.megatron_cfg.optimizer``) gets torch's Adam with its lr, betas, eps and weight decay in place of
+    Megatron's distributed Adam, and a constant schedule (the paper's recipes: constant lr, no warm-up)."""
     from hydra.utils import get_class
 
+    if cfg.get("optimizer") is None and (cfg.get("megatron_cfg") or {}).get("enabled"):
+        mopt = cfg["megatron_cfg"]["optimizer"]
+        if mopt["optimizer"] != "adam":
+            raise ValueError(f"the CPU worker stands in for Megatron's adam only, not {mopt['optimizer']!r}")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=mopt["lr"], weight_decay=mopt["weight_decay"],
+                                      betas=(mopt["adam_beta1"], mopt["adam_beta2"]), eps=mopt["adam_eps"])
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambda _: 1.0)
     optimizer = get_class(cfg["optimizer"]["name"])(model.parameters(), **dict(cfg["optimizer"]["kwargs"]))
     spec = cfg.get("scheduler")
     if isinstance(spec, dict):
