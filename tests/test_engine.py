@@ -144,7 +144,7 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("warm_start"))
 
 
-def test_training_improves_reward_and_writes_outputs(tmp_path, cache_dir):
+def test_a_run_writes_every_output_and_a_finished_run_resumes_to_the_same_result(tmp_path, cache_dir):
     log_dir = tmp_path / "run"
     cfg = compose_config("local_kl_cov", tiny_overrides(log_dir, cache_dir, steps=24, extra=[
         "grpo.val_period=12", "engine.plot=true", "checkpointing.save_period=12"]))
@@ -152,12 +152,14 @@ def test_training_improves_reward_and_writes_outputs(tmp_path, cache_dir):
     records = read(result["metrics_path"])
     assert [r["step"] for r in records] == list(range(25))
     assert all(list(r)[0] == "step" for r in records)
+    # The supervised warm start learns. Its 400 Adam steps are a trajectory whose rounding depends on the CPU's
+    # vector unit: the last-10 / first-10 loss ratio measured 0.10-0.49 over seeds 1-6 and 42 with
+    # ATEN_CPU_CAPABILITY=avx2 and default (14 runs), so the bound is 0.75, not a number one machine happened to reach.
     warm = torch.load(os.path.join(cache_dir, os.listdir(cache_dir)[0]), weights_only=False)["losses"]
-    assert sum(warm[-10:]) / 10 < 0.5 * sum(warm[:10]) / 10          # the supervised warm start learns
+    assert sum(warm[-10:]) / 10 < 0.75 * sum(warm[:10]) / 10
+    # Whether 24 sampled RL steps raise the reward is the trajectory's luck (it fell for 4 of 12 seed x CPU pairs);
+    # that the policy-gradient step learns is asserted on a fixed rollout in the next test.
     train = records[1:]
-    first = sum(r["reward_mean"] for r in train[:6]) / 6
-    last = sum(r["reward_mean"] for r in train[-6:]) / 6
-    assert last > first + 0.05, (first, last)                         # RL improves the sampled accuracy
     assert all(0.0 <= r["val_accuracy"] <= 1.0 for r in records if "val_accuracy" in r)
     for r in train:
         for key in ("reward_mean", "entropy_mean", "entropy_p10", "entropy_p90", "cov_mean", "cov_selected_mean",
@@ -178,6 +180,39 @@ def test_training_improves_reward_and_writes_outputs(tmp_path, cache_dir):
     assert info["pass_at_k"] == pass_k == result["pass_at_k"]
     again = run_local(cfg)                                   # a finished run resumes, trains nothing, reports the same
     assert again["resumed_from"] == 24 and again["pass_at_k"] == pass_k and len(read(again["metrics_path"])) == 25
+
+
+def _advantage_weighted_loglik(trainer, rollout) -> float:
+    """``sum_i A_i log pi(y_i) / N`` over the rollout's valid tokens: what the policy-gradient step ascends."""
+    with torch.no_grad():
+        _, logprobs = trainer._score(rollout.prompts, rollout.responses)
+    mask = rollout.mask.double()
+    return float((rollout.advantages.double()[:, None] * logprobs.double() * mask).sum() / mask.sum())
+
+
+def test_policy_gradient_steps_raise_the_advantage_weighted_likelihood_of_a_fixed_rollout(tmp_path, cache_dir):
+    """"Training learns", asserted on a deterministic property: one rollout is sampled from the warm start and
+    then held fixed; each pass of the engine's optimizer steps (KL-Cov loss, its plan, Adam) over it must raise the
+    likelihood of the responses with positive advantage against those with negative advantage. Measured over seeds
+    1-6 and 42 with ATEN_CPU_CAPABILITY=avx2 and default (14 runs): it rose on the first pass of every run, by at
+    least 0.0085, and over three passes by at least 0.025 (a later pass lowered it once: seed 42, avx2, 0.42 ->
+    0.33 on the third); the bounds below are 0.002 and 0.01."""
+    from nemo_entropy.config import to_plain
+    from nemo_entropy.engine.settings import EngineSettings
+    from nemo_entropy.engine.trainer import GRPOTrainer, build_layout
+
+    cfg = compose_config("local_kl_cov", tiny_overrides(tmp_path / "fixed", cache_dir, extra=["checkpointing.enabled=false"]))
+    trainer = GRPOTrainer(EngineSettings.from_config(dict(to_plain(cfg)), world_size=1), build_layout(1))
+    trainer.initialise()
+    rollout = trainer.rollout(1)
+    assert 0 < float(rollout.rewards.mean()) < 1                 # some right, some wrong: non-zero advantages
+    values = [_advantage_weighted_loglik(trainer, rollout)]
+    for _ in range(3):
+        trainer.train_on(rollout)
+        values.append(_advantage_weighted_loglik(trainer, rollout))
+    assert values[1] > values[0] + 0.002, values
+    assert values[3] > values[0] + 0.01, values
+    assert trainer.optimizer_step == 3 * trainer.s.optimizer_steps_per_rollout
 
 
 class _Killed(Exception):

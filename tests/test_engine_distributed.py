@@ -18,7 +18,10 @@ from nemo_entropy.train import compose_config
 from .test_engine import TIMING_KEYS, read, tiny_overrides
 
 # Values that are sums of per-token fp32 terms in a different order (micro-batch split, DP all-reduce,
-# vocab shards) agree to fp32 rounding amplified by a few Adam steps; counts and rewards agree exactly.
+# vocab shards) agree to fp32 rounding amplified by the two Adam steps of one rollout; counts and rewards agree
+# exactly. One rollout only: later rollouts sample from weights that already differ in the last bits, and how
+# soon a near-tie flips a sampled token depends on the CPU's vector unit (torch picks AVX-512 / AVX2 / default
+# kernels per machine), after which two correct runs follow different trajectories.
 EXACT_KEYS = {"reward_mean", "zero_advantage_group_fraction", "response_length_mean", "truncated_fraction",
               "selected_fraction", "selected_tokens", "optimizer_steps", "lr", "val_accuracy"}
 
@@ -35,7 +38,7 @@ def _full_weights(checkpoint_dir, step, tp_size):
 @pytest.mark.parametrize("task, nproc, tp", [("addition", 4, 2), ("countdown", 2, 1)])
 def test_dp_by_tp_processes_match_one_process(tmp_path, task, nproc, tp):
     cache = str(tmp_path / "warm")
-    steps = 3
+    steps = 1  # the warm start's validation, one rollout, its two optimizer steps, pass@k after them
     single = run_local(compose_config("local_kl_cov", tiny_overrides(tmp_path / "one", cache, steps=steps, task=task)))
     multi = run_local(compose_config("local_kl_cov", tiny_overrides(
         tmp_path / "four", cache, steps=steps, task=task, extra=[f"engine.nproc={nproc}", f"engine.tp_size={tp}"])))
@@ -54,7 +57,7 @@ def test_dp_by_tp_processes_match_one_process(tmp_path, task, nproc, tp):
     assert four[1]["selected_tokens"] >= 2                 # KL-Cov selected tokens in both optimizer steps
     assert multi["pass_at_k"] == single["pass_at_k"] and "pass@8" in multi["pass_at_k"]
     assert all(0 < r["reward_mean"] < 1 for r in one[1:])  # some samples right, some wrong: non-zero advantages
-    # The weights after 3 RL steps (6 optimizer steps): body replicated over TP, head split by vocabulary.
+    # The weights after the rollout's 2 optimizer steps: body replicated over TP, head split by vocabulary.
     w1 = _full_weights(single["checkpoint_dir"], steps, 1)
     w4 = _full_weights(multi["checkpoint_dir"], steps, tp)
     vocab = w1["lm_head"].shape[0]
