@@ -363,6 +363,14 @@ def test_preflight_on_the_users_config_names_a_missing_resolver_or_loader(tmp_pa
         assert word in failure, failure
 
 
+def test_preflight_on_the_users_config_names_an_unknown_dataset():
+    out = _preflight(STANDIN, "main", "--config-name", "grpo_7b_kl_cov", *STANDIN_RUN,
+                     "data.train.dataset_name=DAPOMath17k")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert ("INCOMPATIBLE (run config): config 'grpo_7b_kl_cov': data.train.dataset_name='DAPOMath17k' is not in "
+            "NeMo-RL's DATASET_REGISTRY (close: ['DAPOMath17K'])") in out.stderr
+
+
 def test_preflight_refuses_overrides_without_a_config_name():
     out = _preflight(STANDIN, "main", "loss_fn.kl_cov_ratio=0.1")
     assert out.returncode == 2 and "need --config-name" in out.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib
 import inspect
 import subprocess
@@ -272,6 +273,21 @@ CHECKS: list[tuple[str, Callable[[dict], str]]] = [
 ]
 
 
+def _check_dataset_names(config_name: str, merged: dict) -> None:
+    """``data.<split>.dataset_name`` must be a dataset NeMo-RL knows (its ``DATASET_REGISTRY``) or a dotted class
+    path: NeMo-RL's ``setup_response_data`` would otherwise stop only after Ray has started."""
+    registry = getattr(_import("nemo_rl.data.datasets.response_datasets"), "DATASET_REGISTRY", None)
+    if registry is None:
+        return  # an older NeMo-RL without the registry: nothing to check against
+    for split in ("train", "validation"):
+        section = (merged.get("data") or {}).get(split)
+        dataset = section.get("dataset_name") if isinstance(section, dict) else None
+        if dataset is not None and dataset not in registry and "." not in str(dataset):
+            close = difflib.get_close_matches(str(dataset), list(registry), n=3)
+            raise Incompatible(f"config {config_name!r}: data.{split}.dataset_name={dataset!r} is not in NeMo-RL's "
+                               f"DATASET_REGISTRY" + (f" (close: {close})" if close else ""))
+
+
 def check_run_config(ctx: dict) -> str:
     """The user's run config, composed, merged onto NeMo-RL's base config and resolved by the very function the run
     entry uses (:func:`nemo_entropy.train.prepare_nemo_rl_run`), then validated as NeMo-RL's ``MasterConfig``."""
@@ -285,6 +301,7 @@ def check_run_config(ctx: dict) -> str:
         run = prepare_nemo_rl_run(plain, name)
     except (ValueError, NemoRLUnavailable) as err:
         raise Incompatible(f"config {name!r}: {err}") from err
+    _check_dataset_names(name, run.plain)
     return (f"{name} merged onto {run.options['base_config']}, resolved, MasterConfig valid: {layout.describe()}, "
             f"loss {loss.method}")
 

@@ -49,8 +49,9 @@ def _data_parallel_size(master_config) -> int:
                             "cluster": master_config.cluster}).dp
 
 
-def cpu_setup(master_config, tokenizer, dataset, val_dataset, processor=None, policy_factory=None):
-    """Stands in for ``nemo_rl.algorithms.grpo.setup`` on CPU; returns its 13-tuple."""
+def setup_on_cpu(master_config, dataset, val_dataset, worker_group):
+    """What ``nemo_rl.algorithms.grpo.setup`` does, minus the GPU cluster, vLLM and the Megatron / DTensor workers:
+    its 13-tuple, with NeMo-RL's ``Policy`` over ``worker_group`` (CPU workers) and a CPU generation."""
     from nemo_rl.algorithms import grpo
     from nemo_rl.data.collate_fn import rl_collate_fn
     from nemo_rl.data.utils import load_dataloader_state
@@ -58,10 +59,9 @@ def cpu_setup(master_config, tokenizer, dataset, val_dataset, processor=None, po
     from nemo_rl.utils.logger import Logger
     from torchdata.stateful_dataloader import StatefulDataLoader
 
-    from .cpu_policy import CpuGeneration, CpuPolicy, CpuWeightSynchronizer, make_worker_group
+    from .cpu_policy import CpuGeneration, CpuPolicy, CpuWeightSynchronizer
 
     policy_config, grpo_config, data_config = master_config.policy, master_config.grpo, master_config.data
-    generation_config = policy_config["generation"]
     # setup()'s own checks that need no GPU
     grpo._validate_multimodal_dedup_capability(master_config)
     assert grpo_config.val_num_generations_per_prompt >= 1
@@ -85,7 +85,6 @@ def cpu_setup(master_config, tokenizer, dataset, val_dataset, processor=None, po
     if grpo_config.val_period > 0 or grpo_config.val_at_start or grpo_config.val_at_end:
         val_dataloader = StatefulDataLoader(val_dataset, batch_size=grpo_config.val_batch_size, shuffle=False,
                                             collate_fn=rl_collate_fn, num_workers=data_config["num_workers"])
-
     grpo._validate_use_kl_in_reward_compat(master_config)
     if master_config.loss_fn.reference_policy_kl_penalty == 0:  # as setup(): no reference model is loaded
         grpo_config.skip_reference_policy_logprobs_calculation = True
@@ -94,17 +93,26 @@ def cpu_setup(master_config, tokenizer, dataset, val_dataset, processor=None, po
     use_fused = bool(megatron_cfg.get("enabled") and megatron_cfg.get("use_fused_linear_logprobs"))
     loss_fn = grpo.ClippedPGLossFn(master_config.loss_fn, use_fused_linear_logprobs=use_fused)
 
-    cluster, worker_group = make_worker_group(_data_parallel_size(master_config), settings()["pretrained"],
-                                              seed=grpo_config.seed, name="cli")
     weights_path, optimizer_path = checkpointer.get_resume_paths(last_checkpoint_path)
     policy = CpuPolicy(worker_group, policy_config, weights_path=weights_path, optimizer_path=optimizer_path)
-    generation = CpuGeneration(generation_config, seed=grpo_config.seed)
+    generation = CpuGeneration(policy_config["generation"], seed=grpo_config.seed)
     generation.weight_synchronizer = CpuWeightSynchronizer(policy, generation)
     generation.weight_synchronizer.init_communicator()
-    print(f"[harness] CPU setup: policy over {worker_group.world_size} CPU worker(s), CPU generation, "
-          f"loss {type(loss_fn).__name__}", flush=True)
-    return (policy, generation, None, (cluster, cluster), dataloader, val_dataloader, loss_fn, logger, checkpointer,
+    return (policy, generation, None, (None, None), dataloader, val_dataloader, loss_fn, logger, checkpointer,
             grpo_save_state, master_config, {}, {})
+
+
+def cpu_setup(master_config, tokenizer, dataset, val_dataset, processor=None, policy_factory=None):
+    """Stands in for ``nemo_rl.algorithms.grpo.setup`` in the command's process: a CPU worker group per DP rank of
+    the config's layout, then :func:`setup_on_cpu`."""
+    from .cpu_policy import make_worker_group
+
+    cluster, worker_group = make_worker_group(_data_parallel_size(master_config), settings()["pretrained"],
+                                              seed=master_config.grpo.seed, name="cli")
+    out = setup_on_cpu(master_config, dataset, val_dataset, worker_group)
+    print(f"[harness] CPU setup: policy over {worker_group.world_size} CPU worker(s), CPU generation, "
+          f"loss {type(out[6]).__name__}", flush=True)
+    return out[:3] + ((cluster, cluster),) + out[4:]
 
 
 def patch(module) -> None:

@@ -31,7 +31,6 @@ from typing import Any, Optional
 import torch
 
 from . import tiny
-from .cpu_policy import CpuGeneration, CpuPolicy, CpuWeightSynchronizer
 
 BASE_CONFIG = "examples/configs/grpo_math_1B.yaml"
 PROMPTS_PER_STEP = 4
@@ -165,12 +164,9 @@ def run_grpo(root: Path, spec: RunSpec, worker_group, run_dir: Path, *, checkpoi
              pretrained_path: Path, env_actor) -> RunResult:
     """One ``grpo_train`` call (fresh, or resumed from ``checkpoint_dir``'s latest checkpoint)."""
     from nemo_rl.algorithms import grpo
-    from nemo_rl.data.collate_fn import rl_collate_fn
-    from nemo_rl.data.utils import load_dataloader_state
     from nemo_rl.models.generation import configure_generation_config
-    from nemo_rl.utils.checkpoint import CheckpointManager
-    from nemo_rl.utils.logger import Logger
-    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from .cli_setup import setup_on_cpu
 
     checkpoint_dir = checkpoint_dir or run_dir / "checkpoints"
     config = grpo.MasterConfig(**nemo_rl_config(root, spec, run_dir, checkpoint_dir))  # as examples/run_grpo.py
@@ -178,25 +174,8 @@ def run_grpo(root: Path, spec: RunSpec, worker_group, run_dir: Path, *, checkpoi
     config.policy["generation"] = configure_generation_config(config.policy["generation"], tokenizer)
 
     # --- what grpo.setup() does, minus the GPU cluster, vLLM and the DTensor workers
-    grpo.set_seed(config.grpo.seed)
-    logger = Logger(config.logger)
-    logger.log_hyperparams(config.model_dump())
-    checkpointer = CheckpointManager(config.checkpointing)
-    last_checkpoint_path = checkpointer.get_latest_checkpoint_path()
-    grpo_save_state = grpo._get_grpo_save_state(checkpointer.load_training_info(last_checkpoint_path))
-    dataloader = StatefulDataLoader(
-        tiny.AdditionPrompts(PROMPTS, seed=SEED), batch_size=config.grpo.num_prompts_per_step,
-        shuffle=config.data["shuffle"], collate_fn=rl_collate_fn, drop_last=True,
-        num_workers=config.data["num_workers"],
-    )
-    if last_checkpoint_path is not None:
-        load_dataloader_state(dataloader, last_checkpoint_path, config.data, "")
-    loss_fn = grpo.ClippedPGLossFn(config.loss_fn, use_fused_linear_logprobs=False)
-    weights_path, optimizer_path = checkpointer.get_resume_paths(last_checkpoint_path)
-    policy = CpuPolicy(worker_group, config.policy, weights_path=weights_path, optimizer_path=optimizer_path)
-    generation = CpuGeneration(config.policy["generation"], seed=config.grpo.seed)
-    generation.weight_synchronizer = CpuWeightSynchronizer(policy, generation)
-    generation.weight_synchronizer.init_communicator()
+    (policy, generation, _, _, dataloader, _, loss_fn, logger, checkpointer, grpo_save_state, _, _, _) = setup_on_cpu(
+        config, tiny.AdditionPrompts(PROMPTS, seed=SEED), None, worker_group)
 
     result = RunResult(spec, config, Path(config.logger["log_dir"]), checkpoint_dir,
                        start_save_state=dataclasses.replace(grpo_save_state))

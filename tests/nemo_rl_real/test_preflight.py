@@ -15,9 +15,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _preflight(nemo_rl_root: Path, cwd: Path) -> subprocess.CompletedProcess:
+def _preflight(nemo_rl_root: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(nemo_rl_root)]), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "nemo_entropy.cli", "check-nemo-rl"], cwd=cwd, env=env,
+    env.pop("NEMO_RL_ROOT", None)  # the checkout is found from the imported nemo_rl, as in the container
+    return subprocess.run([sys.executable, "-m", "nemo_entropy.cli", "check-nemo-rl", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -72,3 +73,35 @@ def test_preflight_names_a_hand_changed_interface(nemo_rl_root, tmp_path, mutati
     assert f"INCOMPATIBLE ({check})" in failure[0]
     for word in words:
         assert word in failure[0], failure[0]
+
+
+def test_preflight_on_the_users_config_passes_on_the_checkout(nemo_rl_root, tmp_path):
+    out = _preflight(nemo_rl_root, tmp_path, "--config-name", "grpo_32b_kl_cov")
+    assert out.returncode == 0, out.stdout + out.stderr
+    line = next(x for x in out.stdout.splitlines() if x.startswith("ok    run config"))
+    assert "grpo_32b_kl_cov merged onto examples/configs/grpo_math_1B.yaml, resolved, MasterConfig valid" in line
+    assert "TP 8 x PP 1 x CP 1 x DP 4" in line
+
+
+def _drop_resolver_registration(text: str) -> str:
+    """``nemo_rl/utils/config.py`` whose ``register_omegaconf_resolvers`` no longer registers ``mul``."""
+    old = 'OmegaConf.register_new_resolver("mul", lambda a, b: a * b)'
+    assert old in text
+    return text.replace(old, "pass")
+
+
+def test_preflight_on_the_users_config_names_a_missing_resolver(nemo_rl_root, tmp_path):
+    copy = _copy_checkout(nemo_rl_root, tmp_path / "nemo-rl-changed")
+    config_py = copy / "nemo_rl" / "utils" / "config.py"
+    config_py.write_text(_drop_resolver_registration(config_py.read_text()))
+    out = _preflight(copy, tmp_path, "--config-name", "grpo_32b_kl_cov")
+    assert out.returncode == 1, out.stdout + out.stderr
+    (failure,) = [line for line in out.stderr.splitlines() if "INCOMPATIBLE" in line]
+    assert "INCOMPATIBLE (run config)" in failure and "${mul:...}" in failure, failure
+    assert "register_omegaconf_resolvers() does not register it" in failure, failure
+
+
+def test_preflight_on_the_users_config_names_a_dataset_nemo_rl_does_not_know(nemo_rl_root, tmp_path):
+    out = _preflight(nemo_rl_root, tmp_path, "--config-name", "grpo_7b_clip_cov", "data.validation.dataset_name=AIME24")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "data.validation.dataset_name='AIME24' is not in NeMo-RL's DATASET_REGISTRY" in out.stderr
