@@ -7,6 +7,7 @@ turned into a tiny run by ``+preset=local_tiny``): it reads the NeMo-RL keys it 
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
@@ -142,7 +143,10 @@ class EngineSettings:
         ):
             unknown = sorted(set(section) - allowed)
             if unknown:
-                raise ValueError(f"unknown key(s) {', '.join(prefix + '.' + k for k in unknown)}: allowed {sorted(allowed)}")
+                close = difflib.get_close_matches(unknown[0], allowed, n=1, cutoff=0.75)
+                hint = f" (did you mean {prefix}.{close[0]}?)" if close else ""
+                raise ValueError(f"unknown key(s) {', '.join(prefix + '.' + k for k in unknown)}{hint}: "
+                                 f"allowed {sorted(allowed)}")
 
         nproc = world_size if world_size is not None else _positive_int(raw, "engine.nproc", 1)
         tp_size = _positive_int(raw, "engine.tp_size", 1)
