@@ -261,8 +261,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if plain["backend"] == "local":
         from .engine import run_local
+        from .engine.run_folder import EngineExit
 
-        result = run_local(cfg) or {}
+        try:
+            result = run_local(cfg) or {}
+        except EngineExit as err:  # refused, interrupted, a disk error: one line, its exit code
+            print(f"nemo-entropy train: {err}", file=sys.stderr)
+            return err.exit_code
+        except KeyboardInterrupt:
+            print("nemo-entropy train: stopped at once (second Ctrl-C); run the same command to resume from the "
+                  "newest checkpoint", file=sys.stderr)
+            return 130
         # run_local already printed where everything is; one summary line for logs and scripts.
         print(f"# done: {result.get('steps', '?')} steps, outputs in {result.get('log_dir', '?')}")
         return 0

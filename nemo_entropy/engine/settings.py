@@ -20,7 +20,7 @@ from .task import build_task, task_settings
 # the engine hands loss_config only what it knows, and says which keys it dropped.
 ENGINE_KEYS = {
     "nproc", "tp_size", "threads_per_process", "model", "task", "warm_start", "progress_bar", "plot",
-    "num_val_problems", "log_examples", "pass_at_k",
+    "num_val_problems", "log_examples", "pass_at_k", "resume_allow_changes",
 }
 MODEL_KEYS = {
     "arch", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads", "num_key_value_heads",
@@ -107,6 +107,7 @@ class EngineSettings:
     pass_at_k_temperature: float
     progress_bar: bool
     plot: bool
+    resume_allow_changes: tuple[str, ...] = ()
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
@@ -253,8 +254,19 @@ class EngineSettings:
             pass_at_k_temperature=_positive_float(raw, "engine.pass_at_k.temperature", 1.0),
             progress_bar=bool(_select(raw, "engine.progress_bar", True)),
             plot=bool(_select(raw, "engine.plot", True)),
+            resume_allow_changes=_resume_allow_changes(_select(raw, "engine.resume_allow_changes", [])),
             raw=dict(raw),
         )
+
+
+def _resume_allow_changes(value: Any) -> tuple[str, ...]:
+    from .run_folder import SAFE_RESUME_CHANGES
+
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or any(
+            k not in SAFE_RESUME_CHANGES for k in value):
+        raise _bad("engine.resume_allow_changes", value,
+                   f"expected a list of keys a resume may change, from {sorted(SAFE_RESUME_CHANGES)}")
+    return tuple(value)
 
 
 def validate_engine_config(cfg: Any) -> EngineSettings:
