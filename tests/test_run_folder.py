@@ -209,15 +209,21 @@ def reference(tmp_path_factory, cache_dir):
     return folder
 
 
+def copy_run(source, folder):
+    """A copy of a finished run that remembers its own folder (the config names logger.log_dir)."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    remembered = folder / "run_config.json"
+    if remembered.exists():
+        remembered.write_text(remembered.read_text().replace(str(source), str(folder)))
+    return folder
+
+
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(damage, reference, tmp_path, cache_dir,
                                                                           capfd):
-    import shutil
-
-    folder = tmp_path / "run"
-    shutil.copytree(reference, folder)
-    (folder / "run_config.json").write_text((folder / "run_config.json").read_text().replace(
-        str(reference), str(folder)))  # the copy's own folder
+    folder = copy_run(reference, tmp_path / "run")
     newest = Path(step_dir(str(folder / "checkpoints"), 4)) / "rank_00000.pt"
     DAMAGE[damage](newest)
     capfd.readouterr()
@@ -232,12 +238,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_newest_intact_one(damage
 
 
 def test_no_intact_checkpoint_stops_naming_the_files_and_the_remedy(reference, tmp_path, cache_dir, capsys):
-    import shutil
-
-    folder = tmp_path / "run"
-    shutil.copytree(reference, folder)
-    (folder / "run_config.json").write_text((folder / "run_config.json").read_text().replace(
-        str(reference), str(folder)))
+    folder = copy_run(reference, tmp_path / "run")
     for step in (2, 4):
         _flip(Path(step_dir(str(folder / "checkpoints"), step)) / "rank_00000.pt")
     metrics = (folder / "metrics.jsonl").read_bytes()
