@@ -269,8 +269,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"nemo-entropy train: {err}", file=sys.stderr)
             return err.exit_code
         except KeyboardInterrupt:
-            print("nemo-entropy train: stopped at once (second Ctrl-C); run the same command to resume from the "
-                  "newest checkpoint", file=sys.stderr)
+            print("nemo-entropy train: stopped at once by Ctrl-C (a second one, or during set-up); run the same "
+                  "command to resume from the newest checkpoint", file=sys.stderr)
             return 130
         # run_local already printed where everything is; one summary line for logs and scripts.
         print(f"# done: {result.get('steps', '?')} steps, outputs in {result.get('log_dir', '?')}")

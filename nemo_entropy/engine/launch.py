@@ -135,8 +135,8 @@ def _spawned_worker(rank: int, world: int, port: int, cfg_dict: dict, queue, par
         code = exc.exit_code
         if rank == 0:
             queue.put(exc)
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
-        code = 130
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without waiting for peers in a barrier
+        os._exit(130)
     finally:
         try:
             destroy_process_group()

@@ -161,7 +161,7 @@ def check_resume_config(folder: str, current: dict, allowed: Iterable[str]) -> b
                   if safe else "")
         raise RunRefused(f"run folder {folder} holds a run of another config ({listed}): resume with the folder's "
                          f"config, or set logger.log_dir to another folder{remedy}")
-    return bool(differences) or False
+    return bool(differences)
 
 
 def remember_config(folder: str, config: dict) -> str:
