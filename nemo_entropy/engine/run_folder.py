@@ -88,7 +88,8 @@ class RunFolderLock:
             fd = _try_flock(self.path, fcntl.LOCK_EX)
             if fd is None:
                 raise RunRefused(f"run folder {self.folder} is in use by another run ({_holder(self.path)}; lock "
-                                 f"{self.path}): wait for it to end or stop it, or set logger.log_dir to another folder")
+                                 f"{self.path}): wait for it to end or stop it, or set logger.log_dir to another "
+                                 f"folder")
             self._fds.append(fd)
             workers = _try_flock(os.path.join(self.folder, WORKERS_LOCK_FILE), fcntl.LOCK_EX)
             if workers is None:
@@ -134,7 +135,7 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(remembered: dict, current: dict) -> dict[str, tuple[Any, Any]]:
     """``{key: (remembered, current)}`` of the keys whose values differ (a missing key reads as ``<absent>``)."""
-    old, new = flatten(json.loads(json.dumps(remembered, default=str))), flatten(json.loads(json.dumps(current, default=str)))
+    old, new = (flatten(json.loads(json.dumps(c, default=str))) for c in (remembered, current))
     absent = "<absent>"
     return {k: (old.get(k, absent), new.get(k, absent)) for k in sorted(set(old) | set(new))
             if k not in DISPLAY_KEYS and old.get(k, absent) != new.get(k, absent)}

@@ -64,9 +64,10 @@ def check_config_file(directory: Path, config_name: str) -> None:
         raise config_file_error(err) from err
     if content is None:
         raise ConfigFileError(f"{path}:1:1: the config file is empty: a run config names its `defaults` (e.g. "
-                              f"`- local_base`) or its sections ({', '.join(('backend', 'grpo', 'loss_fn', 'policy'))}, ...)")
+                              f"`- local_base`) or its sections (backend, grpo, loss_fn, policy, ...)")
     if not isinstance(content, dict):
-        raise ConfigFileError(f"{path}:1:1: the config file holds a {type(content).__name__}, not a mapping of sections")
+        raise ConfigFileError(f"{path}:1:1: the config file holds a {type(content).__name__}, not a mapping of "
+                              f"sections")
 
 
 def _keys(node: Any, prefix: str = "") -> Iterable[str]:
