@@ -91,7 +91,7 @@ class StepContext:
     def __init__(self, config: "LossConfig", inputs: StepInputs, mask: torch.Tensor, *, step: int, groups,
                  num_valid_tokens: int, num_valid_seqs: int, scores: torch.Tensor,
                  entropy_mean: Optional[float], clip_active: Optional[torch.Tensor],
-                 score_top: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+                 score_top: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None):
         self.config = config
         self.mask = mask
         self.old_logprobs = inputs.old_logprobs
@@ -178,7 +178,7 @@ def _diagnostic_inputs(inputs: StepInputs, x: torch.Tensor, ok: bool, empty: tor
             ("logprobs x exp(logprobs) x advantages", l * pa)]
 
 
-def concentration_top_k(scores, uids, mask, n_tokens, groups) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+def concentration_top_k(scores, uids, mask, n_tokens, groups) -> Optional[tuple[torch.Tensor, ...]]:
     """The merged top 2% of the step's covariance scores (:func:`merged_top_k`, one all-gather), or None when the
     step has no valid token (agreed by every rank: nobody enters the all-gather)."""
     if n_tokens == 0:

@@ -309,27 +309,29 @@ def token_uids_for(sample_ids: torch.Tensor, seq_len: int, positions: Optional[t
 
 
 # ----------------------------------------------------------------------------------------------- top-k
-def _lexicographic_top(priority: torch.Tensor, uids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``k`` entries of 1-D tensors under (priority descending, uid ascending)."""
-    by_uid = torch.argsort(uids)
-    priority, uids = priority[by_uid], uids[by_uid]
-    by_priority = torch.argsort(priority, descending=True, stable=True)
-    return priority[by_priority][:k], uids[by_priority][:k]
+def _lexicographic_order(priority: torch.Tensor, uids: torch.Tensor) -> torch.Tensor:
+    """The permutation that sorts 1-D tensors by (priority descending, uid ascending, position ascending).
+
+    Both sorts are stable, so entries equal in (priority, uid) (duplicate uids) keep their input order: the
+    order is total whatever the uids, and a quota can never be exceeded by ties."""
+    by_uid = torch.argsort(uids, stable=True)
+    return by_uid[torch.argsort(priority[by_uid], descending=True, stable=True)]
 
 
 def _local_offer(priority: torch.Tensor, uids: torch.Tensor, eligible: torch.Tensor, k: int):
-    """This rank's first ``k`` eligible entries under the total order, padded to exactly ``k`` with
-    ``(-inf, INT64_MAX)``, as float64 priorities and int64 uids."""
+    """This rank's first ``k`` eligible entries under the total order (ties of equal (priority, uid): flat
+    position first), padded to exactly ``k`` with ``(-inf, INT64_MAX)``, as float64 priorities and int64 uids."""
     # The eligible entries only (padding is often half of a step's positions, and a top-k over a tensor full of
     # -inf costs twice as much), then cut to those that can matter (>= the k-th largest priority, ties included)
-    # before the exact sort.
+    # before the exact sort. Both cuts keep the flat order.
     index = eligible.reshape(-1).nonzero().squeeze(1)
     cand_p = priority.reshape(-1).index_select(0, index)
     cand_u = uids.reshape(-1).index_select(0, index)
     if cand_p.numel() > k:
         keep = cand_p >= torch.topk(cand_p, k, sorted=False).values.min()
         cand_p, cand_u = cand_p[keep], cand_u[keep]
-    top_p, top_u = _lexicographic_top(cand_p.to(torch.float64), cand_u, k)
+    order = _lexicographic_order(cand_p, cand_u)[:k]
+    top_p, top_u = cand_p.to(torch.float64)[order], cand_u[order]
     pad = k - top_p.numel()
     if pad:
         top_p = torch.cat([top_p, torch.full((pad,), float("-inf"), dtype=torch.float64, device=top_p.device)])
@@ -339,19 +341,25 @@ def _local_offer(priority: torch.Tensor, uids: torch.Tensor, eligible: torch.Ten
 
 def merged_top_k(
     priority: torch.Tensor, uids: torch.Tensor, eligible: torch.Tensor, k: int, groups: GroupsLike = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The first ``k`` eligible entries of the whole token group under (priority desc, uid asc), on every rank:
-    ``(priorities as float64, uids)``, padded with ``(-inf, INT64_MAX)`` when fewer are eligible. One all-gather
-    of ``k`` (priority, uid) pairs per rank; ``k`` must be the same on every rank."""
+    ``(priorities as float64, uids, mine)``, padded with ``(-inf, INT64_MAX)`` when fewer are eligible; ``mine``
+    (bool) marks the entries this rank offered. One all-gather of ``k`` (priority, uid) pairs per rank; ``k``
+    must be the same on every rank.
+
+    Entries equal in (priority, uid), possible only when uids repeat, are ordered by token-group rank, then by
+    flat position on their rank: the order stays total, so :func:`chosen_from_merged` takes exactly ``k``."""
     g = as_groups(groups)
     top_p, top_u = _local_offer(priority, uids, eligible, k)
+    mine = torch.ones(k, dtype=torch.bool, device=top_p.device)
     if g.token_world_size > 1:
         # One all-gather of the k (priority, uid) pairs of every rank, both as int64 bit patterns.
         packed = torch.stack([top_p.view(torch.int64), top_u]).reshape(1, 2, k)
         gathered = g.token_all_gather(packed)
-        top_p, top_u = _lexicographic_top(gathered[:, 0, :].reshape(-1).view(torch.float64),
-                                          gathered[:, 1, :].reshape(-1), k)
-    return top_p, top_u
+        all_p, all_u = gathered[:, 0, :].reshape(-1).view(torch.float64), gathered[:, 1, :].reshape(-1)
+        order = _lexicographic_order(all_p, all_u)[:k]  # gathered in rank order; stable sorts keep it in ties
+        top_p, top_u, mine = all_p[order], all_u[order], order // k == g.token_rank
+    return top_p, top_u, mine
 
 
 def distributed_top_k(
@@ -365,25 +373,30 @@ def distributed_top_k(
 
     ``k`` must be the same on every rank. One all-gather of ``k`` (priority, uid) pairs per rank.
     """
-    top_p, top_u = merged_top_k(priority, uids, eligible, k, groups)
-    return chosen_from_merged(priority, uids, eligible, top_p, top_u, k, with_threshold=with_threshold)
+    top = merged_top_k(priority, uids, eligible, k, groups)
+    return chosen_from_merged(priority, uids, eligible, *top, k, with_threshold=with_threshold)
 
 
 def chosen_from_merged(
     priority: torch.Tensor, uids: torch.Tensor, eligible: torch.Tensor, top_p: torch.Tensor, top_u: torch.Tensor,
-    k: int, *, with_threshold: bool = False,
+    top_mine: torch.Tensor, k: int, *, with_threshold: bool = False,
 ):
     """:func:`distributed_top_k` from a :func:`merged_top_k` answer of at least ``k`` entries: the first ``k`` of a
     merged top-``K`` (``K >= k``) are the merged top-``k`` (one total order), so a longer answer serves a shorter
     question without another collective."""
-    top_p, top_u = top_p[:k], top_u[:k]
+    top_p, top_u, top_mine = top_p[:k], top_u[:k], top_mine[:k]
     chosen = int((top_p > float("-inf")).sum())  # padding entries are -inf
     # Priorities came from this dtype exactly, so comparing in it is exact.
     threshold_p, threshold_u = top_p[k - 1].to(priority.dtype), top_u[k - 1]
-    above = (priority > threshold_p) | ((priority == threshold_p) & (uids <= threshold_u))
+    above = (priority > threshold_p) | ((priority == threshold_p) & (uids < threshold_u))
+    # Tokens equal to the k-th entry in (priority, uid): one at most with unique uids. With repeated uids this
+    # rank takes as many of them as the merged top-k holds from it, the first in flat order (as it offered them).
+    at = eligible & (priority == threshold_p) & (uids == threshold_u)
+    mine_at = int((top_mine & (top_p == top_p[k - 1]) & (top_u == threshold_u) & (top_p > float("-inf"))).sum())
+    at = at & (at.reshape(-1).cumsum(0) <= mine_at).reshape(at.shape)
     if with_threshold:
-        return eligible & above, chosen, float(top_p[chosen - 1]) if chosen else None
-    return eligible & above, chosen
+        return eligible & (above | at), chosen, float(top_p[chosen - 1]) if chosen else None
+    return eligible & (above | at), chosen
 
 
 def selection_quota(ratio: float, num_valid_tokens: int) -> int:
@@ -421,7 +434,9 @@ def select_tokens(
     Pass the log-probs of the policy that generated the data (``prev_logprobs``) for the *whole* optimizer
     step on every rank of the token group (``groups``). ``token_uids`` ([batch, length] int64) identify each
     token independently of where it lives and must be unique over the group; ``step`` is the optimizer step
-    (Clip-Cov's hash keys use it, with ``config.seed``).
+    (Clip-Cov's hash keys use it, with ``config.seed``). Repeated uids (sample ids that restart at 0 on every
+    rank) never change the count: the selection still holds exactly the quota, tokens equal in (score, uid)
+    ranked by rank and position, but it then depends on the layout.
 
     * KL-Cov: the ``max(1, floor(kl_cov_ratio * N))`` valid tokens with the largest covariance score
       (ties: smaller uid first).

@@ -207,11 +207,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     from omegaconf import OmegaConf
 
+    from .engine.schema import check_added_keys, check_config_file, config_file_error
+
+    def plain_config(some_overrides):
+        return OmegaConf.to_container(compose_config(args.config_name, some_overrides, args.config_dir), resolve=True)
+
     try:
+        directory = Path(args.config_dir) if args.config_dir else default_config_dir()
         cfg = compose_config(args.config_name, overrides, args.config_dir)
+        check_config_file(directory, args.config_name)
         plain, loss, layout = validate_run_config(cfg)
-    except ValueError as err:
-        print(f"nemo-entropy train: invalid config: {err}", file=sys.stderr)
+        check_added_keys(plain, overrides, directory, plain_config)
+    except Exception as err:  # a YAML error is not a ValueError: one line too (file:line:column)
+        if not isinstance(err, ValueError) and config_file_error(err) is None:
+            raise
+        print(f"nemo-entropy train: invalid config: {config_file_error(err) or err}", file=sys.stderr)
         return 2
     print(f"# config {args.config_name} (resolved)")
     print(OmegaConf.to_yaml(OmegaConf.create(plain)), end="")
@@ -230,8 +240,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if plain["backend"] == "local":
         from .engine import run_local
+        from .engine.run_folder import EngineExit
 
-        result = run_local(cfg) or {}
+        try:
+            result = run_local(cfg) or {}
+        except EngineExit as err:  # refused, interrupted, a disk error: one line, its exit code
+            print(f"nemo-entropy train: {err}", file=sys.stderr)
+            return err.exit_code
+        except KeyboardInterrupt:
+            print("nemo-entropy train: stopped at once by Ctrl-C (a second one, or during set-up); run the same "
+                  "command to resume from the newest checkpoint", file=sys.stderr)
+            return 130
         # run_local already printed where everything is; one summary line for logs and scripts.
         print(f"# done: {result.get('steps', '?')} steps, outputs in {result.get('log_dir', '?')}")
         return 0

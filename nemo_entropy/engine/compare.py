@@ -258,11 +258,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .metrics import read_metrics
     from .plot import plot_seed_bands
     from .progress import Progress
+    from .run_folder import EngineExit
 
     out = os.path.abspath(args.out)
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     if not names:
         print("nemo-entropy compare: --configs is empty", file=sys.stderr)
+        return 2
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        print(f"nemo-entropy compare: --configs {args.configs!r} names {', '.join(repeated)} more than once: its runs "
+              f"would share the folders OUT/<config>/seed_<seed>; list each config once", file=sys.stderr)
         return 2
     common = list(overrides) + [f"engine.warm_start.cache_dir={os.path.join(out, 'warm_start')}"]
     if args.steps is not None:
@@ -324,7 +330,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for item in todo:
             print(f"[nemo-entropy compare] {item['name']} seed {item['seed']} -> {item['dir']}", flush=True)
             t0 = time.perf_counter()
-            run_local(compose_config(item["name"], item["overrides"], args.config_dir))
+            try:
+                run_local(compose_config(item["name"], item["overrides"], args.config_dir))
+            except EngineExit as err:
+                print(f"nemo-entropy compare: {item['name']} seed {item['seed']}: {err}", file=sys.stderr)
+                return err.exit_code
             report(item, time.perf_counter() - t0)
     else:
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}

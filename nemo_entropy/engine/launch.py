@@ -19,15 +19,18 @@ from typing import Any, Optional
 import torch
 
 from .processes import (
+    broadcast_object,
     destroy_process_group,
     distributed_env_present,
     init_process_group_from_env,
+    world_group,
     world_rank_and_size,
 )
 
 from nemo_entropy.config import to_plain
 
 from .preemption import REQUEUE_EXIT_CODE
+from .run_folder import EngineExit, RunFolderLock, check_resume_config, join_as_worker, remember_config
 from .settings import EngineSettings
 from .trainer import GRPOTrainer, Preempted, build_layout
 
@@ -72,7 +75,49 @@ def _train_this_process(cfg_dict: dict, *, after_step=None, quiet: bool = False)
     return result if rank == 0 else None
 
 
-def _spawned_worker(rank: int, world: int, port: int, cfg_dict: dict, queue) -> None:
+def _claim_run_folder(cfg_dict: dict) -> RunFolderLock:
+    """Lock the run folder and check the config it remembers (nothing written when refused), then record the
+    holder and the config; the launcher holds the returned lock for the run's life."""
+    settings = EngineSettings.from_config(cfg_dict)
+    lock = RunFolderLock(settings.log_dir).acquire()
+    try:
+        rewrite = check_resume_config(lock.folder, cfg_dict, settings.resume_allow_changes)
+        lock.write_holder()
+        if rewrite:
+            remember_config(lock.folder, cfg_dict)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """A spawned worker never outlives its launcher: SIGKILL when the parent dies (Linux ``PR_SET_PDEATHSIG``),
+    else a thread that watches the parent pid."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):
+        import time
+
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the watch began
+        os._exit(1)
+
+
+def _spawned_worker(rank: int, world: int, port: int, cfg_dict: dict, queue, parent_pid: int = 0) -> None:
+    if parent_pid:
+        _die_with_parent(parent_pid)
+        os.setpgrp()  # a terminal's Ctrl-C reaches the launcher alone, which forwards it once
+        lock_fd = join_as_worker(EngineSettings.from_config(cfg_dict).log_dir)  # noqa: F841 (held until exit)
     os.environ.update({
         "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
@@ -86,6 +131,12 @@ def _spawned_worker(rank: int, world: int, port: int, cfg_dict: dict, queue) -> 
             queue.put(result)
     except SystemExit as exc:
         code = int(exc.code or 0)
+    except EngineExit as exc:  # the message travels to the launcher, which prints it once
+        code = exc.exit_code
+        if rank == 0:
+            queue.put(exc)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once, without waiting for peers in a barrier
+        os._exit(130)
     finally:
         try:
             destroy_process_group()
@@ -109,7 +160,8 @@ def _spawn(cfg_dict: dict, nproc: int) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_spawned_worker, args=(r, nproc, port, cfg_dict, queue)) for r in range(nproc)]
+    procs = [ctx.Process(target=_spawned_worker, args=(r, nproc, port, cfg_dict, queue, os.getpid()))
+             for r in range(nproc)]
     for p in procs:
         p.start()
     previous = {}
@@ -120,7 +172,7 @@ def _spawn(cfg_dict: dict, nproc: int) -> dict:
                 if p.is_alive():
                     os.kill(p.pid, signum)
 
-        for sig in (getattr(signal, "SIGUSR1", None), signal.SIGTERM):
+        for sig in (getattr(signal, "SIGUSR1", None), signal.SIGTERM, signal.SIGINT):
             if sig is not None:
                 previous[sig] = signal.signal(sig, _forward)
     result = None
@@ -146,6 +198,10 @@ def _spawn(cfg_dict: dict, nproc: int) -> dict:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     codes = [p.exitcode for p in procs]
+    if isinstance(result, EngineExit):
+        raise result
+    if any(c == 130 for c in codes):
+        raise KeyboardInterrupt
     if any(c == REQUEUE_EXIT_CODE for c in codes):
         raise SystemExit(REQUEUE_EXIT_CODE)
     if any(c != 0 for c in codes) or result is None:
@@ -166,16 +222,38 @@ def run_local(cfg: Any, *, _after_step=None) -> dict:
     cfg_dict = dict(to_plain(cfg))
     if distributed_env_present() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         init_process_group_from_env("gloo")
+        lock = worker_fd = None
         try:
+            # Rank 0 claims the run folder; the others join once it holds it (or all stop with its reason).
+            rank = world_rank_and_size()[0]
+            outcome: Any = None
+            if rank == 0:
+                try:
+                    lock = _claim_run_folder(cfg_dict)
+                except EngineExit as err:
+                    outcome = err
+            outcome = broadcast_object(outcome, 0, world_group())
+            if outcome is not None:
+                raise outcome
+            if rank != 0:
+                worker_fd = join_as_worker(EngineSettings.from_config(cfg_dict).log_dir)
             result = _train_this_process(cfg_dict, after_step=_after_step)
         finally:
             destroy_process_group()
+            if lock is not None:
+                lock.release()
+            if worker_fd is not None:
+                os.close(worker_fd)
         return result or {}
     settings = EngineSettings.from_config(cfg_dict)
-    if settings.nproc > 1:
-        if _after_step is not None:
-            raise ValueError("_after_step hooks are supported in one process only")
-        result = _spawn(cfg_dict, settings.nproc)
-        _print_outputs(result)
-        return result
-    return _train_this_process(cfg_dict, after_step=_after_step) or {}
+    if settings.nproc > 1 and _after_step is not None:
+        raise ValueError("_after_step hooks are supported in one process only")
+    lock = _claim_run_folder(cfg_dict)
+    try:
+        if settings.nproc > 1:
+            result = _spawn(cfg_dict, settings.nproc)
+            _print_outputs(result)
+            return result
+        return _train_this_process(cfg_dict, after_step=_after_step) or {}
+    finally:
+        lock.release()

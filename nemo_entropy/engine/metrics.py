@@ -14,6 +14,9 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from .disk import atomic_write_text, disk_errors
+
+LOG_KEY = "logger.log_dir"
 METRICS_FILE = "metrics.jsonl"
 RUN_INFO_FILE = "run_info.json"
 ENTROPY_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -62,14 +65,9 @@ class MetricsLog:
         self.writer = None
         if not enabled:
             return
-        os.makedirs(log_dir, exist_ok=True)
-        if resume_step is None:
-            open(self.path, "w").close()
-        else:
-            kept = [r for r in read_metrics(self.path) if r.get("step", -1) <= resume_step]
-            with open(self.path, "w") as fh:
-                for record in kept:
-                    fh.write(json.dumps(record) + "\n")
+        # Write-new-then-rename: a crash while the kept lines are written leaves the old file, never a part of it.
+        kept = [] if resume_step is None else [r for r in read_metrics(self.path) if r.get("step", -1) <= resume_step]
+        atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept), key=LOG_KEY)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -81,7 +79,7 @@ class MetricsLog:
         if not self.enabled:
             return
         record = {"step": step, **{k: _finite_or_none(v) for k, v in metrics.items() if k != "step"}}
-        with open(self.path, "a") as fh:
+        with disk_errors(self.path, LOG_KEY), open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
             fh.flush()
         if self.writer is not None:
@@ -111,9 +109,7 @@ def _tb_tag(key: str) -> str:
 def write_run_info(log_dir: str, info: dict[str, Any], ranks: Iterable[dict[str, Any]]) -> str:
     """run_info.json: world/dp/tp sizes and, per rank, its rank, node name and pid."""
     path = os.path.join(log_dir, RUN_INFO_FILE)
-    os.makedirs(log_dir, exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump({**info, "ranks": list(ranks)}, fh, indent=2)
+    atomic_write_text(path, json.dumps({**info, "ranks": list(ranks)}, indent=2), key=LOG_KEY)
     return path
 
 
@@ -125,8 +121,5 @@ def update_run_info(log_dir: str, info: dict[str, Any]) -> str:
         with open(path) as fh:
             current = json.load(fh)
     current.update(info)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(current, fh, indent=2)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(current, indent=2), key=LOG_KEY)
     return path

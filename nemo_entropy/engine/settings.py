@@ -7,6 +7,7 @@ turned into a tiny run by ``+preset=local_tiny``): it reads the NeMo-RL keys it 
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
@@ -19,7 +20,7 @@ from .task import build_task, task_settings
 # the engine hands loss_config only what it knows, and says which keys it dropped.
 ENGINE_KEYS = {
     "nproc", "tp_size", "threads_per_process", "model", "task", "warm_start", "progress_bar", "plot",
-    "num_val_problems", "log_examples", "pass_at_k",
+    "num_val_problems", "log_examples", "pass_at_k", "resume_allow_changes",
 }
 MODEL_KEYS = {
     "arch", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads", "num_key_value_heads",
@@ -106,6 +107,7 @@ class EngineSettings:
     pass_at_k_temperature: float
     progress_bar: bool
     plot: bool
+    resume_allow_changes: tuple[str, ...] = ()
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
@@ -142,7 +144,10 @@ class EngineSettings:
         ):
             unknown = sorted(set(section) - allowed)
             if unknown:
-                raise ValueError(f"unknown key(s) {', '.join(prefix + '.' + k for k in unknown)}: allowed {sorted(allowed)}")
+                close = difflib.get_close_matches(unknown[0], allowed, n=1, cutoff=0.75)
+                hint = f" (did you mean {prefix}.{close[0]}?)" if close else ""
+                raise ValueError(f"unknown key(s) {', '.join(prefix + '.' + k for k in unknown)}{hint}: "
+                                 f"allowed {sorted(allowed)}")
 
         nproc = world_size if world_size is not None else _positive_int(raw, "engine.nproc", 1)
         tp_size = _positive_int(raw, "engine.tp_size", 1)
@@ -249,8 +254,19 @@ class EngineSettings:
             pass_at_k_temperature=_positive_float(raw, "engine.pass_at_k.temperature", 1.0),
             progress_bar=bool(_select(raw, "engine.progress_bar", True)),
             plot=bool(_select(raw, "engine.plot", True)),
+            resume_allow_changes=_resume_allow_changes(_select(raw, "engine.resume_allow_changes", [])),
             raw=dict(raw),
         )
+
+
+def _resume_allow_changes(value: Any) -> tuple[str, ...]:
+    from .run_folder import SAFE_RESUME_CHANGES
+
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or any(
+            k not in SAFE_RESUME_CHANGES for k in value):
+        raise _bad("engine.resume_allow_changes", value,
+                   f"expected a list of keys a resume may change, from {sorted(SAFE_RESUME_CHANGES)}")
+    return tuple(value)
 
 
 def validate_engine_config(cfg: Any) -> EngineSettings:

@@ -32,11 +32,12 @@ from nemo_entropy.parallel import ParallelGroups, ProcessGroup, new_subgroups, t
 from nemo_entropy.plan import StepInputs, build_step_plan
 from nemo_entropy.selection import token_uids_for
 
-from .checkpoint import latest_complete_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import NoIntactCheckpoint, latest_intact_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog, entropy_summary, read_metrics, update_run_info, write_run_info
 from .model import TinyPolicy
-from .preemption import PreemptionWatcher
-from .processes import all_gather_objects, barrier, group_all_reduce, world_group, world_rank_and_size
+from .preemption import INTERRUPTED, Interrupted, PreemptionWatcher
+from .processes import (all_gather_objects, barrier, broadcast_object, group_all_reduce, world_group,
+                        world_rank_and_size)
 from .progress import Progress
 from .rollout import Rollout, collect_rollout, greedy_accuracy
 from .settings import EngineSettings
@@ -127,7 +128,7 @@ class GRPOTrainer:
 
     def initialise(self) -> None:
         """Resume from the newest complete checkpoint, or warm-start (rank 0 trains, everyone loads)."""
-        latest = latest_complete_checkpoint(self.s.checkpoint_dir) if self.s.checkpointing else None
+        latest = self._intact_checkpoint() if self.s.checkpointing else None
         if latest is not None:
             step, path = latest
             state = load_checkpoint(path, rank=self.layout.rank, layout=self.layout.as_dict())
@@ -153,6 +154,19 @@ class GRPOTrainer:
         blob = torch.load(path, map_location="cpu", weights_only=False)
         self.policy.load_full_state_dict(blob["state"])
         torch.manual_seed(stream_seed(self.s.seed, "torch"))
+
+    def _intact_checkpoint(self) -> Optional[tuple[int, str]]:
+        """Rank 0 verifies the checkpoints' checksums and every rank resumes from its choice (or stops with it)."""
+        found: Any = None
+        if self.is_logger:
+            try:
+                found = latest_intact_checkpoint(self.s.checkpoint_dir)
+            except NoIntactCheckpoint as err:
+                found = err
+        found = broadcast_object(found, 0, self.layout.world_group)
+        if isinstance(found, Exception):
+            raise found
+        return found
 
     # ------------------------------------------------------------------ one RL step
     def local_sample_ids(self) -> list[int]:
@@ -390,13 +404,21 @@ class GRPOTrainer:
                     last = {"step": step, **metrics}
                     saved = False
                     if self.s.checkpointing and (step % self.s.save_period == 0 or step == self.s.max_num_steps):
-                        self.save()
+                        step_dir_saved = self.save()
                         saved = True
                     bar.update(1, H=metrics["entropy_mean"], reward=metrics["reward_mean"],
                                val=last_val if last_val is not None else "-")
                     if self.after_step is not None:
                         self.after_step(step)
-                    if watcher.requested(self.layout.world_group):
+                    reason = watcher.requested(self.layout.world_group)
+                    if reason == INTERRUPTED:
+                        if not self.s.checkpointing:
+                            raise Interrupted(f"interrupted (Ctrl-C) after step {step}; checkpointing.enabled is "
+                                              f"false: nothing saved")
+                        path = step_dir_saved if saved else self.save()
+                        raise Interrupted(f"interrupted (Ctrl-C): checkpoint of step {step} saved in {path}; run "
+                                          f"the same command to resume")
+                    if reason:
                         if not saved:
                             if not self.s.checkpointing:
                                 raise RuntimeError("pre-emption requested but checkpointing.enabled is false")

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+from .disk import atomic_write_bytes, torch_bytes
 from .model import TinyPolicy
 from .progress import Progress
 from .task import Task, response_mask, stream_seed
@@ -97,9 +98,7 @@ def load_or_run_warm_start(
     )
     bar.close()
     blob = {"state": policy.full_state_dict(), "losses": losses, "seconds": time.perf_counter() - start}
-    os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-    tmp = f"{cache_path}.tmp.{os.getpid()}"
-    torch.save(blob, tmp)
-    os.replace(tmp, cache_path)
+    atomic_write_bytes(os.path.abspath(cache_path), torch_bytes(blob),
+                       key="engine.warm_start.cache_dir (default: checkpointing.checkpoint_dir)")
     blob["cached"] = False
     return blob

@@ -60,6 +60,11 @@ def resolve_key(scalars: RunScalars, requested: Optional[str], defaults: Sequenc
         raise LawInputError(
             f"{scalars.path}: no {role} key {requested!r} ({flag}){scalars.why_missing(requested)}; "
             f"available: {format_available(available)}{hint}")
+    rejected = [f"{k!r} ({scalars.rejected[k]})" for name in names for k in _matches(sorted(scalars.rejected), name)]
+    if rejected:
+        raise LawInputError(
+            f"{scalars.path}: the {role} column {rejected[0]} was rejected; choose another with {flag}; "
+            f"available: {format_available(available)}{hint}")
     raise LawInputError(
         f"{scalars.path}: none of the default {role} keys {list(defaults)} is present; choose one with {flag}; "
         f"available: {format_available(available)}{hint}")

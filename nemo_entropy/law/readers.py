@@ -213,9 +213,10 @@ def _read_csv(path: str, step_key: Optional[str]) -> RunScalars:
         step_index = header.index(step_col)
         columns = [(i, name) for i, name in enumerate(header) if i != step_index]
         values: dict[str, dict[int, float]] = {name: {} for _, name in columns}
-        rejected: dict[str, str] = {}
+        bad_cells: dict[str, list[tuple[int, str]]] = {}  # column -> (line, text) of each non-numeric cell
         steps: set[int] = set()
         repeated = 0
+        rows = 0
         for row_number, row in enumerate(reader, start=2):
             if not any(cell.strip() for cell in row):
                 continue
@@ -228,16 +229,29 @@ def _read_csv(path: str, step_key: Optional[str]) -> RunScalars:
             step = _as_step(step_value, f"{path}:{row_number}")
             repeated += step in steps
             steps.add(step)
+            rows += 1
             for i, name in columns:
-                if name in rejected:
-                    continue
                 number = _parse_number(row[i])
                 if number is None:
-                    rejected[name] = f"non-numeric value {row[i]!r} at line {row_number}"
+                    bad_cells.setdefault(name, []).append((row_number, row[i]))
                 else:
                     values[name][step] = number
+    if not rows:
+        raise LawInputError(f"{path}: the CSV has a header ({format_available(header)}) but no data rows")
+    notes = [f"{repeated} steps appear in more than one row: the later row kept"] if repeated else []
+    rejected: dict[str, str] = {}
+    for _, name in columns:
+        numbers = [v for v in values[name].values() if not math.isnan(v)]
+        cells = bad_cells.get(name, [])
+        if cells and not numbers:  # a text column, not a scalar
+            rejected[name] = f"non-numeric value {cells[0][1]!r} at line {cells[0][0]}"
+        elif not numbers:
+            rejected[name] = f"every one of its {rows} cells is empty or NaN"
+        elif cells:
+            listed = ", ".join(f"line {line}: {text!r}" for line, text in cells[:5])
+            notes.append(f"column {name!r}: {len(cells)} non-numeric cell(s) rejected, read as missing: "
+                         f"{listed}{', ...' if len(cells) > 5 else ''}")
     for name in rejected:
         values.pop(name, None)
-    notes = [f"{repeated} steps appear in more than one row: the later row kept"] if repeated else []
     return RunScalars(path=path, source="csv", values=_drop_all_missing(values), steps=frozenset(steps),
                       notes=tuple(notes), rejected=rejected)
