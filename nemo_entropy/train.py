@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["main", "compose_config", "validate_run_config", "default_config_dir", "NemoRLUnavailable"]
+__all__ = ["main", "compose_config", "load_run_config", "validate_run_config", "default_config_dir", "NemoRLUnavailable"]
 
 DEFAULT_CONFIG_NAME = "local_kl_cov"
 BACKENDS = ("local", "nemo_rl")
@@ -132,6 +132,34 @@ def validate_run_config(cfg: Any) -> tuple[dict, Any, Any]:
     return plain, loss, layout
 
 
+def load_run_config(config_name: str, overrides: Sequence[str] = (), config_dir: Optional[os.PathLike] = None):
+    """Everything ``nemo-entropy train`` does with a config before it runs: compose it, refuse an empty config
+    file and keys added by ``+``/``++`` that nothing reads, validate it. Returns ``(cfg, plain, loss, layout)``
+    (see :func:`validate_run_config`). ``nemo-entropy check-nemo-rl --config-name`` calls this too.
+
+    Raises ``ValueError`` with one line naming the key, or ``file:line:column`` of a YAML error.
+    """
+    from omegaconf import OmegaConf
+
+    from .engine.schema import check_added_keys, check_config_file, config_file_error
+
+    def plain_config(some_overrides):
+        return OmegaConf.to_container(compose_config(config_name, some_overrides, config_dir), resolve=True)
+
+    try:
+        directory = Path(config_dir) if config_dir else default_config_dir()
+        cfg = compose_config(config_name, overrides, config_dir)
+        check_config_file(directory, config_name)
+        plain, loss, layout = validate_run_config(cfg)
+        check_added_keys(plain, overrides, directory, plain_config)
+    except Exception as err:  # a YAML error (raised as is, or inside Hydra's): one line, file:line:column
+        problem = config_file_error(err)
+        if problem is None:
+            raise
+        raise problem from err
+    return cfg, plain, loss, layout
+
+
 # ----------------------------------------------------------------------------------------------- NeMo-RL
 def _import_nemo_rl(config_name: str):
     try:
@@ -207,21 +235,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     from omegaconf import OmegaConf
 
-    from .engine.schema import check_added_keys, check_config_file, config_file_error
-
-    def plain_config(some_overrides):
-        return OmegaConf.to_container(compose_config(args.config_name, some_overrides, args.config_dir), resolve=True)
-
     try:
-        directory = Path(args.config_dir) if args.config_dir else default_config_dir()
-        cfg = compose_config(args.config_name, overrides, args.config_dir)
-        check_config_file(directory, args.config_name)
-        plain, loss, layout = validate_run_config(cfg)
-        check_added_keys(plain, overrides, directory, plain_config)
-    except Exception as err:  # a YAML error is not a ValueError: one line too (file:line:column)
-        if not isinstance(err, ValueError) and config_file_error(err) is None:
-            raise
-        print(f"nemo-entropy train: invalid config: {config_file_error(err) or err}", file=sys.stderr)
+        cfg, plain, loss, layout = load_run_config(args.config_name, overrides, args.config_dir)
+    except ValueError as err:
+        print(f"nemo-entropy train: invalid config: {err}", file=sys.stderr)
         return 2
     print(f"# config {args.config_name} (resolved)")
     print(OmegaConf.to_yaml(OmegaConf.create(plain)), end="")

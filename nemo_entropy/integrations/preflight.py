@@ -291,11 +291,11 @@ def _check_dataset_names(config_name: str, merged: dict) -> None:
 def check_run_config(ctx: dict) -> str:
     """The user's run config, composed, merged onto NeMo-RL's base config and resolved by the very function the run
     entry uses (:func:`nemo_entropy.train.prepare_nemo_rl_run`), then validated as NeMo-RL's ``MasterConfig``."""
-    from ..train import NemoRLUnavailable, compose_config, prepare_nemo_rl_run, validate_run_config
+    from ..train import NemoRLUnavailable, load_run_config, prepare_nemo_rl_run
 
     name = ctx["config_name"]
     try:
-        plain, loss, layout = validate_run_config(compose_config(name, ctx["overrides"], ctx.get("config_dir")))
+        _, plain, loss, layout = load_run_config(name, ctx["overrides"], ctx.get("config_dir"))
         if plain["backend"] != "nemo_rl":
             raise Incompatible(f"config {name!r} has backend={plain['backend']!r}: only backend=nemo_rl runs NeMo-RL")
         run = prepare_nemo_rl_run(plain, name)
