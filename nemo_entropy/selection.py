@@ -4,8 +4,9 @@ The reference implementation selects per micro-batch per GPU, so its selected se
 size and GPU count (README, "Selection scope"). Here ``scope: batch`` selects over every valid token of an optimizer
 step, on every rank of the token-holding group, and the result is *bit-identical* whatever the layout:
 
-1. **Exact means.** Means of log-prob and advantage are computed from fixed-point int64 sums (values rounded to
-   multiples of 2**-20, so the mean is exact to ~1e-6 and, above all, independent of summation order). One
+1. **Exact means.** Means of log-prob and advantage are computed from fixed-point int64 sums (each value split into
+   two int64 limbs, multiples of 2**-20 and of 2**-40, so a value is rounded by at most 2**-41 and, above all, the
+   sum is independent of summation order). One
    all-reduce of ``[count, sum l, sum A, sum pA]`` over the token group. A floating-point all-reduce would give
    different last bits for different layouts and could flip a near-tie in the top-k.
 2. **Scores** are then elementwise functions of per-token values and those shared means: identical everywhere.
@@ -51,8 +52,11 @@ __all__ = [
     "validate_token_inputs",
 ]
 
-# Fixed-point scale of the exact sums: resolution 2**-20 ~ 1e-6 of a log-prob or advantage. The int64 sums
-# stay exact while sum(|x|) over the whole batch < 2**43 (e.g. 1e9 tokens with |x| < 8000).
+# Fixed-point scale of the exact sums: two limbs of 20 bits, resolution 2**-40 of a log-prob or advantage. One limb
+# (2**-20) was not enough: an advantage is the same on every token of a response, so its rounding error adds up
+# over the response instead of averaging out, and the diagnostics' total covariance (sum l A - N mean l mean A)
+# cancels most of its terms; both lost 5 digits on real batches. The high limb's int64 sums stay exact while
+# sum(|x|) over the whole batch < 2**43 (e.g. 1e9 tokens with |x| < 8000); the low limb is at most 2**19 a token.
 _FIXED_POINT_BITS = 20
 _INT64_MAX = torch.iinfo(torch.int64).max
 _MASK64 = (1 << 64) - 1
@@ -108,8 +112,9 @@ def validate_token_inputs(mask: torch.Tensor, *, check_finite: bool = True,
 
 # ----------------------------------------------------------------------------------------------- exact sums
 def _fixed_point_sum(values: torch.Tensor, mask: Optional[torch.Tensor], world_size: int) -> tuple[torch.Tensor, int]:
-    """Exact int64 sum of ``values`` over valid tokens, each rounded to a multiple of 2**-20, and a problem code
-    (0 fine, 1 NaN/inf on a valid token, 2 too large for exact sums).
+    """Exact int64 sums of ``values`` over valid tokens in two limbs, ``[sum of the multiples of 2**-20, sum of the
+    remainders in multiples of 2**-40]`` (each value rounded to a multiple of 2**-40), and a problem code (0 fine,
+    1 NaN/inf on a valid token, 2 too large for exact sums).
 
     Problems are *returned*, not raised: the caller folds them into the all-reduce so that every rank raises
     together instead of one rank raising while the others wait in the collective.
@@ -122,7 +127,7 @@ def _fixed_point_sum(values: torch.Tensor, mask: Optional[torch.Tensor], world_s
     else:
         masked = torch.where(mask, values.detach().to(work_dtype), torch.zeros((), dtype=work_dtype,
                                                                                 device=values.device))
-    zero = torch.zeros((), dtype=torch.int64, device=values.device)
+    zero = torch.zeros(2, dtype=torch.int64, device=values.device)
     if masked.numel() == 0:
         return zero, 0
     max_abs = float(masked.abs().max())  # NaN and inf propagate to the max
@@ -131,7 +136,11 @@ def _fixed_point_sum(values: torch.Tensor, mask: Optional[torch.Tensor], world_s
     # Overflow guard (no per-token host copy): the group's sum of |q| must stay below 2**62.
     if max_abs * float(masked.numel()) * float(1 << _FIXED_POINT_BITS) * world_size >= 2.0**62:
         return zero, 2
-    return torch.round(masked * float(1 << _FIXED_POINT_BITS)).to(torch.int64).sum(), 0
+    scaled = masked * float(1 << _FIXED_POINT_BITS)
+    high = torch.round(scaled)
+    # scaled - high is exact in the input's format (|difference| <= 1/2 of a number within 1/2 of it)
+    low = torch.round((scaled - high) * float(1 << _FIXED_POINT_BITS))
+    return torch.stack([high.to(torch.int64).sum(), low.to(torch.int64).sum()]), 0
 
 
 def exact_group_sums(
@@ -156,17 +165,18 @@ def exact_group_sums(
     world = g.token_world_size
     device = mask.device if mask is not None else (values[0][1].device if values else torch.device("cpu"))
     zero = torch.zeros((), dtype=torch.int64, device=device)
+    zero2 = torch.zeros(2, dtype=torch.int64, device=device)
     local_counts = [zero if local_error is not None else c.to(torch.int64).reshape(()) for c in counts]
     sums, non_finite, overflow = [], [], 0
     for _, tensor in values:
-        total, problem = (zero, 0) if local_error is not None else _fixed_point_sum(tensor, mask, world)
+        total, problem = (zero2, 0) if local_error is not None else _fixed_point_sum(tensor, mask, world)
         sums.append(total)
         non_finite.append(int(problem == 1))
         overflow = max(overflow, int(problem == 2))
     flags = [int(local_error is not None), *non_finite, overflow]
-    local = torch.stack([*local_counts, *sums, *[torch.tensor(f, dtype=torch.int64, device=device) for f in flags]])
+    local = torch.cat([torch.stack(local_counts), *sums, torch.tensor(flags, dtype=torch.int64, device=device)])
     total = g.token_all_reduce_sum(local)
-    n_counts, n_values = len(counts), len(values)
+    n_counts, n_values = len(counts), 2 * len(values)  # two limbs per value
     problems = total[n_counts + n_values:].tolist()
     if any(problems):
         # Every rank saw the same totals, so every rank is here: one more collective names the ranks.
@@ -183,8 +193,9 @@ def exact_group_sums(
                                  f"{ranks(1 + index)}")
         raise ValueError("per-token values are too large for the exact fixed-point sums (max |value| x tokens x "
                          f"world must stay below 2**42) on token-group rank(s) {ranks(len(problems) - 1)}")
-    return ([int(c) for c in total[:n_counts].tolist()],
-            [t.double() / float(1 << _FIXED_POINT_BITS) for t in total[n_counts:n_counts + n_values]])
+    limbs = total[n_counts:n_counts + n_values].reshape(-1, 2).double()
+    scale = float(1 << _FIXED_POINT_BITS)
+    return [int(c) for c in total[:n_counts].tolist()], list((limbs[:, 0] + limbs[:, 1] / scale) / scale)
 
 
 def covariance_inputs(logprobs: torch.Tensor, advantages: torch.Tensor, form: str) -> list[tuple[str, torch.Tensor]]:
