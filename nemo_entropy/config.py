@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Mapping, Optional
 
+from .controls import REGISTRY
 from .controls.base import ControlConfig, bad_value
 
 __all__ = ["LossConfig", "loss_config", "PAPER_RECIPES", "NEMO_RL_DEFAULTS", "to_plain"]
@@ -124,8 +125,6 @@ class LossConfig:
     @property
     def selection_ratio(self) -> float:
         """The quota fraction of the active covariance selection (0 when none runs)."""
-        from .controls import REGISTRY
-
         for name in self.active_controls:
             ratio_key = getattr(REGISTRY[name], "ratio_key", None)
             if ratio_key is not None:
@@ -218,15 +217,11 @@ def _validate_section(section: ControlConfig) -> None:
 
 
 def _default_sections() -> Mapping[str, ControlConfig]:
-    from .controls import REGISTRY
-
     return {name: cls.config_class() for name, cls in REGISTRY.items()}
 
 
 def _validate_composition(cfg: LossConfig) -> None:
     """Known controls, no duplicates, no two of one exclusive group, none that needs the PPO ratio without it."""
-    from .controls import REGISTRY
-
     for key, names in (("method", (cfg.method,)), ("controls", cfg.controls)):
         for name in names:
             if name not in REGISTRY:
@@ -311,8 +306,6 @@ _CORE_KEYS = frozenset(f.name for f in fields(LossConfig)) - {"sections"}
 
 def _section_keys() -> dict[str, str]:
     """Every control key -> the control whose section holds it (checked unique across controls)."""
-    from .controls import REGISTRY
-
     owners: dict[str, str] = {}
     for name, cls in REGISTRY.items():
         for f in fields(cls.config_class):
@@ -336,8 +329,6 @@ def loss_config(mapping: Any = None, **overrides: Any) -> LossConfig:
     Raises ``ValueError`` naming the first offending key, its value and the allowed values. A
     :class:`LossConfig` passes through (with ``overrides`` applied).
     """
-    from .controls import REGISTRY
-
     if isinstance(mapping, LossConfig):
         values = mapping.to_dict()
     elif mapping is None:

@@ -16,7 +16,7 @@ import torch
 from nemo_entropy import train
 from nemo_entropy.engine import run_local
 from nemo_entropy.integrations import batch_keys
-from nemo_entropy.plan import plan_from_batch
+from nemo_entropy.integrations.batch_keys import plan_from_batch
 from nemo_entropy.selection import token_uids_for
 
 STANDIN = Path(__file__).resolve().parent / "nemo_rl_standin"

@@ -15,7 +15,7 @@ from nemo_entropy import train
 from nemo_entropy.config import loss_config
 from nemo_entropy.controls import ControlSet
 from nemo_entropy.integrations import EntropyControlLossFn, attach_batch_selection, batch_keys
-from nemo_entropy.plan import plan_from_batch
+from nemo_entropy.integrations.batch_keys import plan_from_batch
 
 from .entropy_controls import clamped_entropy64, clipped_surrogate64, entropy64
 from .test_integrations_nemo_rl import B, D, _batch, _counts, _slice

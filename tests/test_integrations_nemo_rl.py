@@ -17,7 +17,7 @@ import torch
 
 from nemo_entropy.config import loss_config
 from nemo_entropy.integrations import EntropyControlLossFn, attach_batch_selection
-from nemo_entropy.plan import plan_from_batch
+from nemo_entropy.integrations.batch_keys import plan_from_batch
 
 D = torch.float64
 B, S, V = 8, 12, 17

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from nemo_entropy.config import loss_config
 from nemo_entropy.integrations import EntropyControlLossFn, attach_batch_selection, select_in_worker
 from nemo_entropy.parallel import ParallelGroups
-from nemo_entropy.plan import plan_from_batch
+from nemo_entropy.integrations.batch_keys import plan_from_batch
 from tests.distributed import run_distributed
 
 TP, DP, PP = 2, 2, 2

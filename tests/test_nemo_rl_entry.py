@@ -29,7 +29,7 @@ from nemo_entropy import train
 from nemo_entropy.config import loss_config
 from nemo_entropy.integrations import BatchSelectionPolicy, EntropyControlLossFn, batch_keys
 from nemo_entropy.integrations.nemo_rl_run import check_nemo_rl_run_config, install, save_state_counter
-from nemo_entropy.plan import plan_from_batch
+from nemo_entropy.integrations.batch_keys import plan_from_batch
 from nemo_entropy.selection import select_tokens, token_uids_for
 from tests.distributed import run_distributed
 

@@ -22,8 +22,9 @@ from nemo_entropy.config import loss_config
 from nemo_entropy.controls import REGISTRY, ControlSet
 from nemo_entropy.losses import policy_loss
 from nemo_entropy.parallel import ParallelGroups
-from nemo_entropy.plan import StepInputs, build_step_plan, default_token_uids, plan_from_batch, plan_to_batch
-from nemo_entropy.selection import covariance_scores, exact_group_sums, selection_quota, token_uids_for
+from nemo_entropy.integrations.batch_keys import plan_from_batch, plan_to_batch
+from nemo_entropy.plan import StepInputs, build_step_plan, default_token_uids
+from nemo_entropy.exact import covariance_scores, exact_group_sums, selection_quota, token_uids_for
 
 from .distributed import run_distributed_many
 

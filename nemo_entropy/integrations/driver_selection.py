@@ -5,7 +5,7 @@ it calls ``policy.train(train_data, loss_fn)``. NeMo-RL then cuts the batch into
 ``train_global_batch_size`` consecutive samples (``shard_by_batch_size`` chunks first, then splits each chunk
 over DP ranks), so optimizer step ``j`` trains on samples ``[j * gbs, (j + 1) * gbs)``. We build each step's plan
 here (:func:`nemo_entropy.plan.build_step_plan` over the whole step, in one process: no collective) and attach
-it to the batch (:func:`nemo_entropy.plan.plan_to_batch`); it travels with its tokens through sharding, packing
+it to the batch (:func:`nemo_entropy.integrations.batch_keys.plan_to_batch`); it travels with its tokens through sharding, packing
 and micro-batching, and the loss reads it back.
 
 :class:`BatchSelectionPolicy` wraps NeMo-RL's policy so that this happens on every ``policy.train`` call without
@@ -25,8 +25,8 @@ import torch
 
 from ..config import LossConfig
 from ..controls import ControlSet
-from ..plan import StepInputs, build_step_plan, plan_to_batch
-from ..selection import token_uids_for
+from ..plan import StepInputs, build_step_plan
+from ..exact import token_uids_for
 from . import batch_keys
 from .entropy_probe import old_entropy_of
 
@@ -94,7 +94,7 @@ def attach_batch_selection(
     train_data[batch_keys.TOKEN_UIDS] = uids
     train_data[batch_keys.STEP] = steps
     if attach_mask:
-        train_data.update(plan_to_batch(plans, batch, length, device=device))
+        train_data.update(batch_keys.plan_to_batch(plans, batch, length, device=device))
     return len(slices)
 
 

@@ -22,7 +22,7 @@ micro-batches and DP ranks gives the batch value, extrema are ``probs_ratio_min`
 
 The step plan (``scope: batch``): the driver-side wrapper (:mod:`nemo_entropy.integrations.driver_selection`)
 builds each optimizer step's plan (:mod:`nemo_entropy.plan`: the covariance selection, the controls' coefficients)
-and attaches it to the batch; the loss reads it back (:func:`~nemo_entropy.plan.plan_from_batch`) and issues no
+and attaches it to the batch; the loss reads it back (:func:`~nemo_entropy.integrations.batch_keys.plan_from_batch`) and issues no
 collective at all. ``selection='worker'`` instead builds the plan over this call's tokens across the token group
 (DP of the last pipeline stage, from megatron-core); the run entry allows it only where one call holds a rank's
 whole share of the step. In driver mode a batch without the plan is an error when the config needs one.
@@ -42,11 +42,11 @@ import torch
 
 from ..config import NEMO_RL_DEFAULTS, LossConfig, loss_config, to_plain
 from ..controls import ControlSet
+from ..covariance_diagnostics import diagnostic_metric_names
 from ..entropy import vocab_parallel_entropy_and_logprobs
 from ..losses import diagnostics, nemo_rl_terms, policy_loss
-from ..losses.normalization import zero_masked
-from ..parallel import ParallelGroups, group_world_size, world_size
-from ..plan import diagnostic_metric_names, plan_from_batch
+from ..normalization import zero_masked
+from ..parallel import ParallelGroups, group_world_size, is_dtensor, world_size
 from . import batch_keys
 
 __all__ = ["EntropyControlLossFn", "nemo_rl_enums", "loss_config_from_nemo_rl"]
@@ -123,12 +123,6 @@ def _entropy_and_logprobs(
     return vocab_parallel_entropy_and_logprobs(logits_local, targets, groups=tp_group, vocab_start=vocab_start)
 
 
-def _is_dtensor(x: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(x, DTensor)
-
-
 def _megatron_groups() -> Optional[tuple[Any, int, Any]]:
     """``(tp_group, tp_rank, cp_group or None)`` from megatron-core, if it is initialised.
 
@@ -201,7 +195,7 @@ def logprobs_from_logits(logits, data, tp_rank, tp_group, cp_group, *, find_mega
     """
     extra = () if logit_values is None else (None,)
     input_ids = data["input_ids"]
-    if _is_dtensor(logits):
+    if is_dtensor(logits):
         mesh = logits.device_mesh
         names = mesh.mesh_dim_names or ()
         if "cp" in names and mesh["cp"].size() > 1 or data.get("seq_index") is not None:
@@ -352,7 +346,7 @@ class EntropyControlLossFn:
         uids = data[batch_keys.TOKEN_UIDS][:, 1:].to(torch.int64) if batch_keys.TOKEN_UIDS in data else None
         gvt = global_valid_toks if global_valid_toks is not None else mask.sum()
         gvs = global_valid_seqs if global_valid_seqs is not None else sample_mask.sum()
-        plan = plan_from_batch(data, global_valid_tokens=float(gvt), global_valid_seqs=float(gvs), device=curr.device)
+        plan = batch_keys.plan_from_batch(data, global_valid_tokens=float(gvt), global_valid_seqs=float(gvs), device=curr.device)
         groups, step = None, 0
         if plan is None and self.controls.needs_step_plan:
             if self.selection == "driver":

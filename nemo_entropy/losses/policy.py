@@ -1,10 +1,10 @@
 """The policy loss of one micro-batch: surrogate, the active controls' per-token changes, NeMo-RL's extra terms,
 global normalisation, metrics.
 
-Per token, with the ratio of :func:`~nemo_entropy.losses.surrogate.importance_ratio`:
+Per token, with the ratio of :func:`~nemo_entropy.surrogate.importance_ratio`:
 
 1. each active control may reshape the advantages (``Control.shape_advantages``);
-2. the surrogate is PPO's clipped one (:func:`~nemo_entropy.losses.surrogate.clipped_surrogate`, with every
+2. the surrogate is PPO's clipped one (:func:`~nemo_entropy.surrogate.clipped_surrogate`, with every
    NeMo-RL option) unless one active control owns it (KL-Cov's ``-A r``);
 3. each control may weight it per token (Clip-Cov: 0 on its selected tokens) and add a per-token term (KL-Cov:
    ``beta |log r|`` on its selected tokens);
@@ -23,11 +23,12 @@ import torch
 from ..config import LossConfig, loss_config
 from ..controls import ControlSet, TokenBatch
 from ..parallel import GroupsLike, as_groups
-from ..plan import DIAGNOSTICS, StepInputs, StepPlan, build_step_plan, reference_selection
-from ..selection import exact_group_sums, validate_token_inputs
+from ..covariance_diagnostics import DIAGNOSTICS
+from ..plan import StepInputs, StepPlan, build_step_plan, reference_selection
+from ..exact import exact_group_sums, validate_token_inputs
 from . import nemo_rl_terms
-from .normalization import global_token_sum, reduce_per_token, safe_count, zero_masked
-from .surrogate import clipped_surrogate, importance_ratio
+from ..normalization import global_token_sum, reduce_per_token, safe_count, zero_masked
+from ..surrogate import clipped_surrogate, importance_ratio
 
 __all__ = ["policy_loss", "per_token_policy_loss", "reduce_per_token"]
 
