@@ -30,7 +30,9 @@ import inspect
 from typing import Any, Callable, Mapping, Optional
 
 from ..config import LossConfig, to_plain
+from ..controls import ControlSet
 from .driver_selection import BatchSelectionPolicy
+from .nemo_rl import EntropyControlLossFn, loss_config_from_nemo_rl
 
 __all__ = [
     "NEMO_RL_OPTIONS",
@@ -148,9 +150,6 @@ def check_nemo_rl_run_config(config: Mapping[str, Any], options: Optional[Mappin
         )
     if options["selection"] == "worker":
         if isinstance(config.get("loss_fn"), Mapping):
-            from ..controls import ControlSet
-            from .nemo_rl import loss_config_from_nemo_rl
-
             controls = ControlSet(loss_config_from_nemo_rl(config["loss_fn"]))
             driver_only = [c.name for c in controls if c.stateful or "old_entropy" in c.needs]
             if driver_only:
@@ -198,9 +197,6 @@ def _check_controls_inputs(config: Mapping[str, Any], options: Mapping[str, Any]
     LOGIT input; controls that read any entropy need whole sequences on each rank. Refused naming the keys."""
     if not isinstance(config.get("loss_fn"), Mapping):
         return
-    from ..controls import ControlSet
-    from .nemo_rl import loss_config_from_nemo_rl
-
     loss = loss_config_from_nemo_rl(config["loss_fn"])
     controls = list(ControlSet(loss))
     current = [c.name for c in controls if c.needs & {"entropy", "logits"}]
@@ -302,8 +298,6 @@ def install(grpo_module: Any, options: Optional[Mapping[str, Any]] = None) -> li
 
     Returns the names of the entries it wrapped.
     """
-    from .nemo_rl import EntropyControlLossFn
-
     options = nemo_rl_options(options)
     if not hasattr(grpo_module, "setup") or not hasattr(grpo_module, "grpo_train"):
         raise TypeError(f"{getattr(grpo_module, '__name__', grpo_module)!r} is not NeMo-RL's GRPO module "
