@@ -17,10 +17,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import runpy
 import shlex
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from .engine import run_local, validate_engine_config
+from .integrations.megatron import parallel_layout
+from .integrations.nemo_rl import loss_config_from_nemo_rl
+from .integrations.nemo_rl_run import check_nemo_rl_run_config, install, nemo_rl_options
 
 __all__ = ["main", "compose_config", "validate_run_config", "default_config_dir", "NemoRLUnavailable"]
 
@@ -94,9 +100,6 @@ def validate_run_config(cfg: Any) -> tuple[dict, Any, Any]:
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from .integrations.megatron import parallel_layout
-    from .integrations.nemo_rl import loss_config_from_nemo_rl
-
     try:
         plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     except OmegaConfBaseException as err:
@@ -122,13 +125,9 @@ def validate_run_config(cfg: Any) -> tuple[dict, Any, Any]:
                 f"grpo.num_prompts_per_step x num_generations_per_prompt = {rollout}"
             )
     if backend == "nemo_rl":
-        from .integrations.nemo_rl_run import check_nemo_rl_run_config, nemo_rl_options
-
         plain["nemo_rl"] = nemo_rl_options(plain.get("nemo_rl"))
         check_nemo_rl_run_config(plain, plain["nemo_rl"], data_parallel_size=layout.dp)
     else:
-        from .engine import validate_engine_config
-
         validate_engine_config(cfg)
     return plain, loss, layout
 
@@ -163,12 +162,7 @@ def nemo_rl_config(plain: dict) -> dict:
 def run_nemo_rl(plain: dict, config_name: str) -> int:
     """Run NeMo-RL's own GRPO example with our loss (built by its ``setup()``) and the per-step selection wrapper
     on every training entry (:func:`nemo_entropy.integrations.nemo_rl_run.install`)."""
-    import runpy
-
     from omegaconf import OmegaConf
-
-    from .integrations.megatron import parallel_layout
-    from .integrations.nemo_rl_run import check_nemo_rl_run_config, install
 
     nemo_rl_module, grpo = _import_nemo_rl(config_name)
     script, base = nemo_rl_paths(plain, nemo_rl_module)
@@ -250,8 +244,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"# would run: {command}  (nemo_entropy.engine.run_local)")
         return 0
     if plain["backend"] == "local":
-        from .engine import run_local
-
         result = run_local(cfg) or {}
         # run_local already printed where everything is; one summary line for logs and scripts.
         print(f"# done: {result.get('steps', '?')} steps, outputs in {result.get('log_dir', '?')}")
