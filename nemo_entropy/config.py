@@ -30,7 +30,7 @@ from typing import Any, Mapping, Optional
 from .controls import REGISTRY
 from .controls.base import ControlConfig, bad_value
 
-__all__ = ["LossConfig", "loss_config", "PAPER_RECIPES", "NEMO_RL_DEFAULTS", "to_plain"]
+__all__ = ["LossConfig", "loss_config", "NEMO_RL_DEFAULTS", "to_plain"]
 
 SCOPES = ("batch", "microbatch")
 COV_FORMS = ("natural", "vanilla")
@@ -142,18 +142,6 @@ class LossConfig:
     def __post_init__(self) -> None:
         _validate(self)
 
-
-# The paper's recipes (arXiv 2505.22617, section 5 and its repository), as overrides on top of the defaults.
-PAPER_RECIPES: dict[str, dict[str, Any]] = {
-    "7b_kl_cov": dict(method="kl_cov", kl_cov_ratio=2e-3, kl_cov_coef=1.0, ratio_clip_min=0.2, ratio_clip_max=0.2,
-                      reference_policy_kl_penalty=0.0),
-    "7b_clip_cov": dict(method="clip_cov", clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0,
-                        ratio_clip_min=1.0, ratio_clip_max=1.0, reference_policy_kl_penalty=0.0),
-    "32b_kl_cov": dict(method="kl_cov", kl_cov_ratio=2e-4, kl_cov_coef=1.0, ratio_clip_min=0.2, ratio_clip_max=0.2,
-                       reference_policy_kl_penalty=0.0),
-    "32b_clip_cov": dict(method="clip_cov", clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0,
-                         ratio_clip_min=1.0, ratio_clip_max=1.0, reference_policy_kl_penalty=0.0),
-}
 
 def to_plain(value: Any) -> Any:
     """Plain Python containers from an OmegaConf node (resolved), a pydantic model (NeMo-RL's configs) or a

@@ -235,7 +235,8 @@ def _delegate_to_nemo_rl(logits, data, tp_rank, tp_group, cp_group):
 
 # ----------------------------------------------------------------------------------------------- the loss
 class EntropyControlLossFn:
-    """NeMo-RL loss: PPO / Clip-Cov / KL-Cov with every ``ClippedPGLossFn`` key, for NeMo-RL v0.5 and later.
+    """NeMo-RL loss: every entropy control of ``nemo_entropy.controls.REGISTRY`` (``loss_fn.method`` /
+    ``controls``) on top of every ``ClippedPGLossFn`` key, for NeMo-RL v0.5 and later.
 
     Args:
         cfg: NeMo-RL's ``loss_fn`` section (dict, pydantic model, OmegaConf node) or a LossConfig: every
