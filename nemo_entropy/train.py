@@ -239,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             section = plain["nemo_rl"]
             print(f"# would run (inside the NeMo-RL container, on the Ray head): {command}")
             print(f"#   -> NeMo-RL examples/run_grpo.py on {section['base_config']} + this config, loss "
-                  f"EntropyControlLossFn(input_type={section['input_type']}), selection on the {section['selection']}")
+                  f"EntropyControlLossFn(input_type={section['input_type']}), the plan on the {section['plan']}")
         else:
             print(f"# would run: {command}  (nemo_entropy.engine.run_local)")
         return 0

@@ -20,10 +20,10 @@ per-sequence means over ``global_valid_seqs``), metrics are pre-divided so that 
 micro-batches and DP ranks gives the batch value, extrema are ``probs_ratio_min``-style names with
 ``inf`` sentinels, and ``metric_normalizations`` tells a split-API trainer which count each metric used.
 
-The step plan (``scope: batch``): the driver-side wrapper (:mod:`nemo_entropy.integrations.driver_selection`)
+The step plan (``scope: batch``): the driver-side wrapper (:mod:`nemo_entropy.integrations.step_plan`)
 builds each optimizer step's plan (:mod:`nemo_entropy.plan`: the covariance selection, the controls' coefficients)
-and attaches it to the batch; the loss reads it back (:func:`~nemo_entropy.integrations.batch_keys.plan_from_batch`) and issues no
-collective at all. ``selection='worker'`` instead builds the plan over this call's tokens across the token group
+and attaches it to the batch; the loss reads it back (:func:`~nemo_entropy.integrations.batch_keys.plan_from_batch`)
+and issues no collective at all. ``plan='worker'`` instead builds the plan over this call's tokens across the token group
 (DP of the last pipeline stage, from megatron-core); the run entry allows it only where one call holds a rank's
 whole share of the step. In driver mode a batch without the plan is an error when the config needs one.
 
@@ -48,6 +48,7 @@ from ..losses import diagnostics, nemo_rl_terms, policy_loss
 from ..normalization import zero_masked
 from ..parallel import ParallelGroups, group_world_size, is_dtensor, world_size
 from . import batch_keys
+from .nemo_rl_options import NemoRLOptions
 
 __all__ = ["EntropyControlLossFn", "nemo_rl_enums", "loss_config_from_nemo_rl"]
 
@@ -246,9 +247,9 @@ class EntropyControlLossFn:
             hands over logits; the full-vocabulary entropy is then logged). NeMo-RL <= v0.5 always passes
             logits, whatever this says.
         log_entropy: compute the full-vocabulary entropy metric when logits are available.
-        selection: ``"driver"`` (the step plan comes attached to the batch; default) or ``"worker"`` (the loss
-            plans over its own call across the token group; see the module doc).
-        groups: explicit :class:`ParallelGroups` for in-worker selection (tests, custom launchers); by
+        plan: ``"driver"`` (the step plan comes attached to the batch; default) or ``"worker"`` (the loss plans
+            over its own call across the token group; see the module doc).
+        groups: explicit :class:`ParallelGroups` for in-worker planning (tests, custom launchers); by
             default they come from megatron-core's ``parallel_state`` when it is initialised.
     """
 
@@ -257,27 +258,24 @@ class EntropyControlLossFn:
         cfg: Any,
         use_fused_linear_logprobs: bool = False,
         *,
-        input_type: str = "logprob",
-        log_entropy: bool = True,
-        selection: str = "driver",
+        input_type: str = NemoRLOptions.input_type,
+        log_entropy: bool = NemoRLOptions.log_entropy,
+        plan: str = NemoRLOptions.plan,
         groups: Optional[ParallelGroups] = None,
     ):
-        if input_type not in ("logprob", "logit"):
-            raise ValueError(f"nemo_rl.input_type={input_type!r} is invalid: allowed 'logprob' or 'logit'")
+        NemoRLOptions(input_type=input_type, log_entropy=log_entropy, plan=plan)  # the one check of the options
         if input_type == "logit" and use_fused_linear_logprobs:
             raise ValueError(
                 "nemo_rl.input_type='logit' is incompatible with policy.megatron_cfg.use_fused_linear_logprobs=true: "
                 "the fused model returns 2-D log-probs, not logits; use nemo_rl.input_type='logprob'"
             )
-        if selection not in ("driver", "worker"):
-            raise ValueError(f"nemo_rl.selection={selection!r} is invalid: allowed 'driver' or 'worker'")
         self.config = loss_config_from_nemo_rl(cfg)
         self.controls = ControlSet(self.config)  # stateless here: the plan carries the values of stateful ones
         needs_logits = [c.name for c in self.controls if c.needs & {"entropy", "logits"}]
         if needs_logits and input_type != "logit":
             raise ValueError(f"loss_fn controls {needs_logits} need the current logits (the full-vocabulary entropy "
                              "with its gradient, or values computed from the logits): set nemo_rl.input_type=logit")
-        self.selection = selection
+        self.plan_on = plan
         loss_type, input_enum, normalizer = nemo_rl_enums()
         self.loss_type = loss_type.TOKEN_LEVEL if self.config.token_level_loss else loss_type.SEQUENCE_LEVEL
         self.input_type = input_enum.LOGIT if input_type == "logit" else input_enum.LOGPROB
@@ -350,7 +348,7 @@ class EntropyControlLossFn:
         plan = batch_keys.plan_from_batch(data, global_valid_tokens=float(gvt), global_valid_seqs=float(gvs), device=curr.device)
         groups, step = None, 0
         if plan is None and self.controls.needs_step_plan:
-            if self.selection == "driver":
+            if self.plan_on == "driver":
                 raise RuntimeError(
                     f"loss_fn {list(cfg.active_controls)} needs the step plan attached on the driver (keys "
                     f"{batch_keys.PLAN_PREFIX}.*), and this batch has none: NeMo-RL's training entry was not wrapped "
@@ -380,9 +378,9 @@ class EntropyControlLossFn:
         except ImportError:  # megatron-core is optional
             pass
         if world_size() > 1:
-            raise RuntimeError("nemo_rl.selection='worker' needs megatron-core's parallel_state for the DP group (the "
-                               "Megatron backend); this worker has none, so its selection would cover its own share "
-                               "of the step only: use nemo_rl.selection='driver'")
+            raise RuntimeError("nemo_rl.plan='worker' needs megatron-core's parallel_state for the DP group (the "
+                               "Megatron backend); this worker has none, so its plan would cover its own share "
+                               "of the step only: use nemo_rl.plan='driver'")
         return ParallelGroups.single()
 
     # ------------------------------------------------------------------ metrics
