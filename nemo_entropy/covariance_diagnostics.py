@@ -8,13 +8,13 @@ the plan's :data:`DIAGNOSTICS` entry. ``nemo_entropy.law.concentration`` reads r
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-from .exact import merged_top_k, selection_quota
+from .exact import Offer, masked_offer, merge_offers, selection_quota
 
-__all__ = ["DIAGNOSTICS", "CONCENTRATION_FRACTIONS", "diagnostic_inputs", "concentration_top_k", "fraction_tag",
+__all__ = ["DIAGNOSTICS", "CONCENTRATION_FRACTIONS", "ScoreTop", "diagnostic_inputs", "concentration_top_k", "fraction_tag",
            "concentration_sums", "covariance_diagnostics", "diagnostic_metric_names"]
 
 DIAGNOSTICS = "diagnostics"
@@ -36,12 +36,25 @@ def diagnostic_inputs(old_logprobs: torch.Tensor, advantages: torch.Tensor, x: t
             ("logprobs x exp(logprobs) x advantages", l * pa)]
 
 
-def concentration_top_k(scores, uids, mask, n_tokens, groups) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """The merged top 2% of the step's covariance scores (:func:`merged_top_k`, one all-gather), or None when the
-    step has no valid token (agreed by every rank: nobody enters the all-gather)."""
+class ScoreTop(NamedTuple):
+    """The top 2% of the step's covariance scores: this rank's offer and the group's merged answer."""
+
+    offer: Offer
+    priority: torch.Tensor
+    """float64, descending (padded with -inf when the step has fewer tokens)."""
+    uids: torch.Tensor
+
+
+def concentration_top_k(scores: torch.Tensor, mask: torch.Tensor, uids: torch.Tensor, n_tokens: int,
+                        n_local: Optional[int], groups) -> Optional[ScoreTop]:
+    """The top 2% of the step's covariance scores over its valid tokens (``n_tokens`` over the group, ``n_local``
+    here; one all-gather), or None when the step has no valid token (agreed by every rank: nobody enters the
+    all-gather)."""
     if n_tokens == 0:
         return None
-    return merged_top_k(scores, uids, mask, selection_quota(max(CONCENTRATION_FRACTIONS), n_tokens), groups)
+    k = selection_quota(max(CONCENTRATION_FRACTIONS), n_tokens)
+    offer = masked_offer(scores, mask, uids, k, n_local)
+    return ScoreTop(offer, *merge_offers(offer, k, groups))
 
 
 def fraction_tag(fraction: float) -> str:
@@ -78,7 +91,7 @@ def covariance_diagnostics(top, n_tokens, mean_l, mean_x, sums) -> dict[str, flo
     n = float(n_tokens)
     total = sum_lx - n * float(mean_l) * float(mean_x)
     out = {"cov_overall_mean": total / n}
-    for fraction, k, top_sum in concentration_sums(top[0], n_tokens):
+    for fraction, k, top_sum in concentration_sums(top.priority, n_tokens):
         tag = fraction_tag(fraction)
         out[f"cov_top_{tag}_share"] = top_sum / total if total != 0.0 else 0.0
         out[f"cov_top_{tag}_mean"] = top_sum / k

@@ -25,7 +25,8 @@ selects, from these primitives, is the control's business (``nemo_entropy.contro
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -34,7 +35,12 @@ from .parallel import GroupsLike, as_groups
 __all__ = [
     "covariance_scores",
     "distributed_top_k",
+    "Offer",
+    "local_offer",
+    "masked_offer",
+    "merge_offers",
     "merged_top_k",
+    "chosen_from_offer",
     "chosen_from_merged",
     "exact_group_sums",
     "scores_from_means",
@@ -43,6 +49,7 @@ __all__ = [
     "token_uids_for",
     "global_token_stats",
     "validate_token_inputs",
+    "rows_with_tokens",
 ]
 
 # Fixed-point scale of the exact sums: resolution 2**-20 ~ 1e-6 of a log-prob or advantage. The int64 sums
@@ -100,32 +107,52 @@ def validate_token_inputs(mask: torch.Tensor, *, check_finite: bool = True,
     return bool_mask
 
 
+def rows_with_tokens(mask: torch.Tensor) -> torch.Tensor:
+    """How many rows (sequences) of a bool ``[batch, length]`` mask hold a valid token (an int64 scalar)."""
+    if mask.shape[-1] == 0:
+        return torch.zeros((), dtype=torch.int64, device=mask.device)
+    return torch.count_nonzero(mask.view(torch.uint8).amax(-1))  # a max over bytes: faster than any() here
+
+
 # ----------------------------------------------------------------------------------------------- exact sums
-def _fixed_point_sum(values: torch.Tensor, mask: Optional[torch.Tensor], world_size: int) -> tuple[torch.Tensor, int]:
+def _fixed_point_sum(values: torch.Tensor, mask: Optional[torch.Tensor], world_size: int,
+                     scratch: Optional[dict] = None) -> tuple[torch.Tensor, int]:
     """Exact int64 sum of ``values`` over valid tokens, each rounded to a multiple of 2**-20, and a problem code
     (0 fine, 1 NaN/inf on a valid token, 2 too large for exact sums).
 
     Problems are *returned*, not raised: the caller folds them into the all-reduce so that every rank raises
     together instead of one rank raising while the others wait in the collective.
     Scaling by a power of two and rounding to an integer are exact in the input's own float format, so fp32
-    inputs never need an fp64 copy.
+    inputs never need an fp64 copy. The work happens in place in one tensor, which ``scratch`` keeps across the
+    calls of one :func:`exact_group_sums` (a fresh step-sized tensor costs its page faults on every call).
     """
-    work_dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
-    if mask is None:  # already compacted to valid tokens
-        masked = values.detach().to(work_dtype)
-    else:
-        masked = torch.where(mask, values.detach().to(work_dtype), torch.zeros((), dtype=work_dtype,
-                                                                                device=values.device))
+    source = values.detach()
+    work_dtype = torch.float64 if source.dtype == torch.float64 else torch.float32
     zero = torch.zeros((), dtype=torch.int64, device=values.device)
-    if masked.numel() == 0:
+    if source.numel() == 0:
         return zero, 0
-    max_abs = float(masked.abs().max())  # NaN and inf propagate to the max
+    key = (source.shape, work_dtype, source.device)
+    q = scratch.get(key) if scratch is not None else None
+    if q is None:
+        q = torch.empty(source.shape, dtype=work_dtype, device=source.device)
+        if scratch is not None:
+            scratch[key] = q
+    torch.mul(source.to(work_dtype), float(1 << _FIXED_POINT_BITS), out=q).round_()
+    if mask is not None:  # else already compacted (or zero) where masked; padding may hold NaN or -inf
+        torch.where(mask, q, torch.zeros((), dtype=work_dtype, device=q.device), out=q)
+    low, high = torch.aminmax(q)
+    max_abs = float(torch.maximum(-low, high))  # NaN and inf propagate
     if not max_abs < float("inf"):
         return zero, 1
     # Overflow guard (no per-token host copy): the group's sum of |q| must stay below 2**62.
-    if max_abs * float(masked.numel()) * float(1 << _FIXED_POINT_BITS) * world_size >= 2.0**62:
+    bound = max_abs * float(q.numel()) * world_size
+    if bound >= 2.0**62:
         return zero, 2
-    return torch.round(masked * float(1 << _FIXED_POINT_BITS)).to(torch.int64).sum(), 0
+    if bound < 2.0**53:
+        # Every partial sum is an integer below 2**53, which float64 adds exactly in any order: the int64 sum,
+        # without an int64 copy of the tokens.
+        return q.sum(dtype=torch.float64).to(torch.int64), 0
+    return q.to(torch.int64).sum(), 0
 
 
 def exact_group_sums(
@@ -151,9 +178,9 @@ def exact_group_sums(
     device = mask.device if mask is not None else (values[0][1].device if values else torch.device("cpu"))
     zero = torch.zeros((), dtype=torch.int64, device=device)
     local_counts = [zero if local_error is not None else c.to(torch.int64).reshape(()) for c in counts]
-    sums, non_finite, overflow = [], [], 0
+    sums, non_finite, overflow, scratch = [], [], 0, {}
     for _, tensor in values:
-        total, problem = (zero, 0) if local_error is not None else _fixed_point_sum(tensor, mask, world)
+        total, problem = (zero, 0) if local_error is not None else _fixed_point_sum(tensor, mask, world, scratch)
         sums.append(total)
         non_finite.append(int(problem == 1))
         overflow = max(overflow, int(problem == 2))
@@ -245,12 +272,18 @@ def covariance_scores(
 
 
 def scores_from_means(logprobs, advantages, mask, mean_l, mean_x, form):
-    # fp32 elementwise math on identical inputs and identical (exact) means: bit-identical on every rank.
+    """The covariance scores from the exact means, 0 on masked tokens."""
+    # fp32 elementwise math on identical inputs and identical (exact) means: bit-identical on every rank. In place
+    # on two step-sized tensors (each fresh one costs its page faults).
     l = logprobs.detach().float()
     a = advantages.detach().float()
-    x = a if form == "natural" else torch.exp(l) * a
-    scores = (l - mean_l.float()) * (x - mean_x.float())
-    return torch.where(mask, scores, torch.zeros((), dtype=scores.dtype))
+    scores = torch.sub(l, mean_l.float())
+    if form == "natural":
+        x = torch.sub(a, mean_x.float())
+    else:
+        x = torch.exp(l).mul_(a).sub_(mean_x.float())
+    scores.mul_(x)
+    return torch.where(mask, scores, torch.zeros((), dtype=scores.dtype), out=x)
 
 
 # ----------------------------------------------------------------------------------------------- hash keys
@@ -303,32 +336,100 @@ def token_uids_for(sample_ids: torch.Tensor, seq_len: int, positions: Optional[t
 
 
 # ----------------------------------------------------------------------------------------------- top-k
-def _lexicographic_top(priority: torch.Tensor, uids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``k`` entries of 1-D tensors under (priority descending, uid ascending)."""
+class Offer(NamedTuple):
+    """This rank's first ``k`` candidates under the total order (priority desc, uid asc), padded to exactly ``k``
+    with ``(-inf, INT64_MAX, -1)``: what it offers to the all-gather, and where those tokens are."""
+
+    priority: torch.Tensor
+    """float64 ``[k]`` (exact copies of the candidates' priorities)."""
+    uids: torch.Tensor
+    """int64 ``[k]``."""
+    positions: torch.Tensor
+    """int64 ``[k]``: flat positions of the tokens in the step's ``[batch, length]`` tensors (-1 on padding)."""
+
+
+def _lexicographic_order(priority: torch.Tensor, uids: torch.Tensor) -> torch.Tensor:
+    """The permutation that sorts 1-D tensors by (priority descending, uid ascending)."""
     by_uid = torch.argsort(uids)
-    priority, uids = priority[by_uid], uids[by_uid]
-    by_priority = torch.argsort(priority, descending=True, stable=True)
-    return priority[by_priority][:k], uids[by_priority][:k]
+    return by_uid[torch.argsort(priority[by_uid], descending=True, stable=True)]
 
 
-def _local_offer(priority: torch.Tensor, uids: torch.Tensor, eligible: torch.Tensor, k: int):
-    """This rank's first ``k`` eligible entries under the total order, padded to exactly ``k`` with
-    ``(-inf, INT64_MAX)``, as float64 priorities and int64 uids."""
-    # The eligible entries only (padding is often half of a step's positions, and a top-k over a tensor full of
-    # -inf costs twice as much), then cut to those that can matter (>= the k-th largest priority, ties included)
-    # before the exact sort.
-    index = eligible.reshape(-1).nonzero().squeeze(1)
-    cand_p = priority.reshape(-1).index_select(0, index)
-    cand_u = uids.reshape(-1).index_select(0, index)
-    if cand_p.numel() > k:
-        keep = cand_p >= torch.topk(cand_p, k, sorted=False).values.min()
-        cand_p, cand_u = cand_p[keep], cand_u[keep]
-    top_p, top_u = _lexicographic_top(cand_p.to(torch.float64), cand_u, k)
+# A top-k of a long vector is cut first to the entries at or above a threshold read off a strided sample (a few
+# passes instead of a full top-k); the threshold is checked to leave at least k entries, else a full top-k.
+_SAMPLE = 16384
+
+
+def _cut_threshold(priority: torch.Tensor, k: int) -> torch.Tensor:
+    """A value with at least ``k`` entries of ``priority`` (1-D, longer than ``k``) at or above it."""
+    n = priority.numel()
+    if n > 16 * k and n > 4 * _SAMPLE:
+        sample = priority[:: n // _SAMPLE]
+        expected = k * sample.numel() / n  # the sample's share of the top k
+        # 10% and four standard deviations of the sample's count above the expected share: short of k entries
+        # about once in 30,000 draws (then a full top-k)
+        rank = min(sample.numel(), int(1.1 * expected + 4.0 * math.sqrt(expected) + 8))
+        threshold = torch.topk(sample, rank, sorted=False).values.min()
+        if int((priority >= threshold).sum()) >= k:
+            return threshold
+    return torch.topk(priority, k, sorted=False).values.min()
+
+
+def local_offer(priority: torch.Tensor, positions: torch.Tensor, uids: torch.Tensor, k: int) -> Offer:
+    """The :class:`Offer` of this rank's candidates: ``priority`` and ``positions`` (1-D) of its eligible tokens
+    only (padding is often half of a step, and a top-k over it is wasted work); ``uids`` the step's token uids,
+    flat, read only at the candidates that can matter."""
+    if priority.numel() > k:  # only the entries that can matter (ties at the cut included), before the exact sort
+        keep = (priority >= _cut_threshold(priority, k)).nonzero().squeeze(1)
+        priority, positions = priority.index_select(0, keep), positions.index_select(0, keep)
+    uids = uids.index_select(0, positions)
+    order = _lexicographic_order(priority.to(torch.float64), uids)[:k]
+    top_p = priority.to(torch.float64).index_select(0, order)
+    top_u, top_pos = uids.index_select(0, order), positions.index_select(0, order)
     pad = k - top_p.numel()
     if pad:
-        top_p = torch.cat([top_p, torch.full((pad,), float("-inf"), dtype=torch.float64, device=top_p.device)])
-        top_u = torch.cat([top_u, torch.full((pad,), _INT64_MAX, dtype=torch.int64, device=top_u.device)])
-    return top_p, top_u
+        full = lambda value, dtype: torch.full((pad,), value, dtype=dtype, device=top_p.device)  # noqa: E731
+        top_p = torch.cat([top_p, full(float("-inf"), torch.float64)])
+        top_u = torch.cat([top_u, full(_INT64_MAX, torch.int64)])
+        top_pos = torch.cat([top_pos, full(-1, torch.int64)])
+    return Offer(top_p, top_u, top_pos)
+
+
+def masked_offer(priority: torch.Tensor, eligible: torch.Tensor, uids: torch.Tensor, k: int,
+                 num_eligible: Optional[int] = None) -> Offer:
+    """The :class:`Offer` of step-shaped ``priority`` (finite on ``eligible`` tokens) without compacting the step:
+    a cut read off a sample of the eligible tokens, then the few candidates at or above it (listing every valid
+    token, or a step-sized copy, costs more than the passes this takes). ``num_eligible``: their count, if known."""
+    flat, ok = priority.reshape(-1), eligible.reshape(-1)
+    n = flat.numel()
+    keep = None
+    if n > 16 * k and n > 4 * _SAMPLE:
+        stride = n // _SAMPLE
+        sample = flat[::stride][ok[::stride]]
+        if num_eligible is None:
+            num_eligible = int(torch.count_nonzero(ok))
+        expected = k * sample.numel() / max(num_eligible, 1)
+        rank = int(1.1 * expected + 4.0 * math.sqrt(expected) + 8)  # see _cut_threshold
+        if 0 < rank <= sample.numel():
+            above = (flat >= torch.topk(sample, rank, sorted=False).values.min()).logical_and_(ok)
+            if int(torch.count_nonzero(above)) >= k:
+                keep = above.nonzero().squeeze(1)
+    if keep is None:
+        keep = ok.nonzero().squeeze(1)
+    return local_offer(flat.index_select(0, keep), keep, uids.reshape(-1), k)
+
+
+def merge_offers(offer: Offer, k: int, groups: GroupsLike = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``k`` entries of the whole token group, on every rank, from each rank's :class:`Offer`: one
+    all-gather of ``k`` (priority, uid) pairs per rank (none in one process)."""
+    g = as_groups(groups)
+    if g.token_world_size == 1:
+        return offer.priority, offer.uids
+    # Both as int64 bit patterns, in one tensor.
+    packed = torch.stack([offer.priority.view(torch.int64), offer.uids]).reshape(1, 2, k)
+    gathered = g.token_all_gather(packed)
+    top_p, top_u = gathered[:, 0, :].reshape(-1).view(torch.float64), gathered[:, 1, :].reshape(-1)
+    order = _lexicographic_order(top_p, top_u)[:k]
+    return top_p[order], top_u[order]
 
 
 def merged_top_k(
@@ -337,15 +438,26 @@ def merged_top_k(
     """The first ``k`` eligible entries of the whole token group under (priority desc, uid asc), on every rank:
     ``(priorities as float64, uids)``, padded with ``(-inf, INT64_MAX)`` when fewer are eligible. One all-gather
     of ``k`` (priority, uid) pairs per rank; ``k`` must be the same on every rank."""
-    g = as_groups(groups)
-    top_p, top_u = _local_offer(priority, uids, eligible, k)
-    if g.token_world_size > 1:
-        # One all-gather of the k (priority, uid) pairs of every rank, both as int64 bit patterns.
-        packed = torch.stack([top_p.view(torch.int64), top_u]).reshape(1, 2, k)
-        gathered = g.token_all_gather(packed)
-        top_p, top_u = _lexicographic_top(gathered[:, 0, :].reshape(-1).view(torch.float64),
-                                          gathered[:, 1, :].reshape(-1), k)
-    return top_p, top_u
+    index = eligible.reshape(-1).nonzero().squeeze(1)
+    offer = local_offer(priority.reshape(-1).index_select(0, index), index, uids.reshape(-1), k)
+    return merge_offers(offer, k, groups)
+
+
+def chosen_from_offer(offer: Offer, top_p: torch.Tensor, top_u: torch.Tensor, k: int, shape, *,
+                      with_threshold: bool = False):
+    """:func:`distributed_top_k`'s answer from this rank's :class:`Offer` and the merged top-``K`` (``K >= k``,
+    the offer of at least ``k``): the tokens of this rank among the group's first ``k`` are among its own first
+    ``k``, so the offer holds them, and the mask is written at their positions (O(k), not O(tokens))."""
+    top_p, top_u = top_p[:k], top_u[:k]
+    chosen = int((top_p > float("-inf")).sum())  # padding entries are -inf
+    threshold_p, threshold_u = top_p[k - 1], top_u[k - 1]
+    pick = ((offer.priority > threshold_p) | ((offer.priority == threshold_p) & (offer.uids <= threshold_u)))
+    pick &= offer.positions >= 0
+    mask = torch.zeros(shape, dtype=torch.bool, device=offer.priority.device)
+    mask.view(-1)[offer.positions[pick]] = True
+    if with_threshold:
+        return mask, chosen, float(top_p[chosen - 1]) if chosen else None
+    return mask, chosen
 
 
 def distributed_top_k(

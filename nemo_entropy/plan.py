@@ -26,18 +26,28 @@ micro-batching.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, Mapping, Optional
 
 import torch
 
 from .config import LossConfig
 from .controls import ControlSet
-from .covariance_diagnostics import DIAGNOSTICS, concentration_top_k, covariance_diagnostics, diagnostic_inputs
+from .covariance_diagnostics import (
+    DIAGNOSTICS,
+    ScoreTop,
+    concentration_top_k,
+    covariance_diagnostics,
+    diagnostic_inputs,
+)
 from .exact import (
-    chosen_from_merged,
+    chosen_from_offer,
     covariance_inputs,
     distributed_top_k,
     exact_group_sums,
+    masked_offer,
+    rows_with_tokens,
+    merge_offers,
     scores_from_means,
     validate_token_inputs,
 )
@@ -79,16 +89,14 @@ class StepContext:
     positions), the global counts and means, the exact covariance scores, and the one collective a control may
     ask for, :meth:`top_k`."""
 
-    def __init__(self, config: LossConfig, inputs: StepInputs, mask: torch.Tensor, *, step: int, groups,
-                 num_valid_tokens: int, num_valid_seqs: int, scores: torch.Tensor,
+    def __init__(self, config: LossConfig, inputs: StepInputs, mask: torch.Tensor, *, token_uids: torch.Tensor,
+                 step: int, groups, num_valid_tokens: int, num_valid_seqs: int, scores: torch.Tensor,
                  entropy_mean: Optional[float], clip_active: Optional[torch.Tensor],
-                 score_top: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+                 score_top: Optional[ScoreTop] = None, num_local_tokens: Optional[int] = None):
         self.config = config
         self.mask = mask
-        self.old_logprobs = inputs.old_logprobs
-        self.advantages = inputs.advantages
-        self.old_entropy = inputs.old_entropy
-        self.token_uids = inputs.token_uids
+        self._inputs = inputs
+        self.token_uids = token_uids
         self.step = step
         self.num_valid_tokens = num_valid_tokens
         self.num_valid_seqs = num_valid_seqs
@@ -99,6 +107,25 @@ class StepContext:
         """``scope: microbatch`` only: tokens the PPO clip already clipped (the reference skips them)."""
         self._groups = groups
         self._score_top = score_top
+        self._num_local_tokens = num_local_tokens
+
+    def _masked(self, tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if tensor is None:
+            return None
+        return torch.where(self.mask, tensor.detach().float(), torch.zeros((), dtype=torch.float32))
+
+    # Step-shaped fp32 copies with zeros on masked positions, made only for a control that reads them.
+    @cached_property
+    def old_logprobs(self) -> torch.Tensor:
+        return self._masked(self._inputs.old_logprobs)
+
+    @cached_property
+    def advantages(self) -> torch.Tensor:
+        return self._masked(self._inputs.advantages)
+
+    @cached_property
+    def old_entropy(self) -> Optional[torch.Tensor]:
+        return self._masked(self._inputs.old_entropy)
 
     def top_k(self, priority: torch.Tensor, eligible: torch.Tensor, k: int, *, with_threshold: bool = False):
         """The ``k`` eligible tokens of the whole step ranked first by (priority desc, token uid asc), and how many
@@ -106,12 +133,16 @@ class StepContext:
         the same ``k`` in the same order (controls derive ``k`` from the global counts). ``with_threshold`` adds
         the lowest chosen priority, identical on every rank (a quantile's value, for a metric).
 
-        The covariance scores over every valid token (``priority is scores``, ``eligible is mask``) with ``k`` no
-        larger than the diagnostics' merged top-k already held by the plan: read from it, no collective."""
-        if (self._score_top is not None and priority is self.scores and eligible is self.mask
-                and k <= self._score_top[0].numel()):
-            return chosen_from_merged(priority, self.token_uids, self.mask, *self._score_top, k,
-                                      with_threshold=with_threshold)
+        The covariance scores over every valid token (``priority is scores``, ``eligible is mask``): one cut of the
+        step and an offer of the few tokens above it, the answer written at their positions; with ``k`` no larger
+        than the diagnostics' merged top-k already held by the plan, read from it, no collective."""
+        if priority is self.scores and eligible is self.mask:
+            top = self._score_top
+            if top is None or k > top.priority.numel():
+                offer = masked_offer(self.scores, self.mask, self.token_uids, k, self._num_local_tokens)
+                top = ScoreTop(offer, *merge_offers(offer, k, self._groups))
+            return chosen_from_offer(top.offer, top.priority, top.uids, k, self.mask.shape,
+                                     with_threshold=with_threshold)
         return distributed_top_k(priority, self.token_uids, eligible & self.mask, k, self._groups,
                                  with_threshold=with_threshold)
 
@@ -167,6 +198,12 @@ def _reference_scores(logprobs, advantages, mask, form) -> torch.Tensor:
     return torch.where(mask, scores, torch.zeros_like(scores))
 
 
+def _zero_masked(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``tensor`` detached, fp64 or fp32 (as the exact sums work), 0 where masked."""
+    dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    return torch.where(mask, tensor.detach().to(dtype), torch.zeros((), dtype=dtype, device=tensor.device))
+
+
 def _local_inputs(inputs: StepInputs, needs: frozenset[str], groups) -> tuple[Optional[torch.Tensor], Optional[Exception]]:
     """This rank's mask and its input error (never raised here: it rides the all-reduce)."""
     try:
@@ -205,34 +242,28 @@ def build_step_plan(
     local_error = local_error or input_error
     ok = local_error is None
     empty = torch.zeros(0)
-    counts = [mask.sum(), mask.any(-1).sum()] if ok else [torch.tensor(0), torch.tensor(0)]
-    values = covariance_inputs(inputs.old_logprobs, inputs.advantages, config.cov_form) if ok else \
-        [("logprobs", empty), ("advantages", empty)]
+    old, adv = inputs.old_logprobs, inputs.advantages  # padding may hold anything: masked where it is read
+    counts = [torch.count_nonzero(mask), rows_with_tokens(mask)] if ok else [torch.tensor(0), torch.tensor(0)]
+    values = covariance_inputs(old, adv, config.cov_form) if ok else [("logprobs", empty), ("advantages", empty)]
     if "old_entropy" in needs:
         values.append(("old_entropy", inputs.old_entropy if ok else empty))
     diagnose = config.covariance_diagnostics and clip_active is None
     if diagnose:
-        values += diagnostic_inputs(inputs.old_logprobs, inputs.advantages, values[1][1], ok, empty)
+        values += diagnostic_inputs(old, adv, values[1][1], ok, empty)
     (n_tokens, n_seqs), sums = exact_group_sums(counts, values, mask, groups, local_error=local_error)
     denom = float(max(n_tokens, 1))
     mean_l, mean_x = sums[0] / denom, sums[1] / denom
     entropy_mean = float(sums[2] / denom) if "old_entropy" in needs else None
     uids = inputs.token_uids if inputs.token_uids is not None else default_token_uids(mask, groups)
-    zero = torch.zeros((), dtype=torch.float32, device=mask.device)
-    local = StepInputs(
-        old_logprobs=torch.where(mask, inputs.old_logprobs.detach().float(), zero),
-        advantages=torch.where(mask, inputs.advantages.detach().float(), zero),
-        mask=mask, token_uids=uids,
-        old_entropy=None if inputs.old_entropy is None else torch.where(mask, inputs.old_entropy.detach().float(), zero),
-    )
     if clip_active is None:
-        scores = scores_from_means(local.old_logprobs, local.advantages, mask, mean_l, mean_x, config.cov_form)
+        scores = scores_from_means(old, adv, mask, mean_l, mean_x, config.cov_form)
     else:
-        scores = _reference_scores(local.old_logprobs, local.advantages, mask, config.cov_form)
-    score_top = concentration_top_k(scores, uids, mask, n_tokens, groups) if diagnose else None
-    ctx = StepContext(config, local, mask, step=step, groups=groups, num_valid_tokens=n_tokens,
+        scores = _reference_scores(_zero_masked(old, mask).float(), _zero_masked(adv, mask).float(), mask,
+                                   config.cov_form)
+    score_top = concentration_top_k(scores, mask, uids, n_tokens, int(counts[0]), groups) if diagnose else None
+    ctx = StepContext(config, inputs, mask, token_uids=uids, step=step, groups=groups, num_valid_tokens=n_tokens,
                       num_valid_seqs=n_seqs, scores=scores, entropy_mean=entropy_mean, clip_active=clip_active,
-                      score_top=score_top)
+                      score_top=score_top, num_local_tokens=int(counts[0]))
     plan_values = {control.name: control.plan(ctx) for control in controls}
     if diagnose:
         plan_values[DIAGNOSTICS] = covariance_diagnostics(score_top, n_tokens, mean_l, mean_x, sums[-3:])
