@@ -8,7 +8,7 @@ the plan's :data:`DIAGNOSTICS` entry. ``nemo_entropy.law.concentration`` reads r
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -24,16 +24,18 @@ CONCENTRATION_FRACTIONS = (0.0002, 0.002, 0.02)
 
 
 def diagnostic_inputs(old_logprobs: torch.Tensor, advantages: torch.Tensor, x: torch.Tensor, ok: bool,
-                      empty: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+                      empty: torch.Tensor) -> list[tuple[str, Any]]:
     """The extra exact sums of the diagnostics, for the plan's one all-reduce: ``sum l X`` (the total covariance)
-    and, for Theorem 1's form, ``sum p A`` and ``sum l p A`` (``empty`` tensors when this rank's inputs are bad)."""
+    and, for Theorem 1's form, ``sum p A`` and ``sum l p A`` (``empty`` tensors when this rank's inputs are bad).
+    Products are passed as pairs of factors: :func:`~nemo_entropy.exact.exact_group_sums` multiplies them in its
+    work tensor instead of a fresh step-sized one."""
     if not ok:
         return [("logprobs x covariance input", empty), ("exp(logprobs) x advantages", empty),
                 ("logprobs x exp(logprobs) x advantages", empty)]
     l = old_logprobs.detach().float()
-    pa = torch.exp(l) * advantages.detach().float()
-    return [("logprobs x covariance input", l * x.detach().float()), ("exp(logprobs) x advantages", pa),
-            ("logprobs x exp(logprobs) x advantages", l * pa)]
+    pa = torch.exp(l).mul_(advantages.detach().float())
+    return [("logprobs x covariance input", (l, x.detach().float())), ("exp(logprobs) x advantages", pa),
+            ("logprobs x exp(logprobs) x advantages", (l, pa))]
 
 
 class ScoreTop(NamedTuple):

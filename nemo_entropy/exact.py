@@ -50,6 +50,7 @@ __all__ = [
     "global_token_stats",
     "validate_token_inputs",
     "rows_with_tokens",
+    "work_tensor",
 ]
 
 # Fixed-point scale of the exact sums: resolution 2**-20 ~ 1e-6 of a log-prob or advantage. The int64 sums
@@ -115,6 +116,18 @@ def rows_with_tokens(mask: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- exact sums
+def work_tensor(scratch: Optional[dict], shape, dtype, device) -> torch.Tensor:
+    """An uninitialised tensor kept in ``scratch`` by shape, dtype and device (made once per scratch): on the CPU a
+    fresh step-sized tensor costs its page faults, more than the pass that fills it."""
+    key = (tuple(shape), dtype, device)
+    tensor = scratch.get(key) if scratch is not None else None
+    if tensor is None:
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+        if scratch is not None:
+            scratch[key] = tensor
+    return tensor
+
+
 def _fixed_point_sum(values: torch.Tensor, mask: Optional[torch.Tensor], world_size: int,
                      scratch: Optional[dict] = None) -> tuple[torch.Tensor, int]:
     """Exact int64 sum of ``values`` over valid tokens, each rounded to a multiple of 2**-20, and a problem code
@@ -126,18 +139,18 @@ def _fixed_point_sum(values: torch.Tensor, mask: Optional[torch.Tensor], world_s
     inputs never need an fp64 copy. The work happens in place in one tensor, which ``scratch`` keeps across the
     calls of one :func:`exact_group_sums` (a fresh step-sized tensor costs its page faults on every call).
     """
-    source = values.detach()
-    work_dtype = torch.float64 if source.dtype == torch.float64 else torch.float32
-    zero = torch.zeros((), dtype=torch.int64, device=values.device)
+    factors = [t.detach() for t in (values if isinstance(values, tuple) else (values,))]
+    source = factors[0]
+    work_dtype = torch.float64 if all(t.dtype == torch.float64 for t in factors) else torch.float32
+    zero = torch.zeros((), dtype=torch.int64, device=source.device)
     if source.numel() == 0:
         return zero, 0
-    key = (source.shape, work_dtype, source.device)
-    q = scratch.get(key) if scratch is not None else None
-    if q is None:
-        q = torch.empty(source.shape, dtype=work_dtype, device=source.device)
-        if scratch is not None:
-            scratch[key] = q
-    torch.mul(source.to(work_dtype), float(1 << _FIXED_POINT_BITS), out=q).round_()
+    q = work_tensor(scratch, source.shape, work_dtype, source.device)
+    if len(factors) == 2:  # a product, formed in the work tensor (same rounding as a fresh one)
+        torch.mul(factors[0].to(work_dtype), factors[1].to(work_dtype), out=q)
+        q.mul_(float(1 << _FIXED_POINT_BITS)).round_()
+    else:
+        torch.mul(source.to(work_dtype), float(1 << _FIXED_POINT_BITS), out=q).round_()
     if mask is not None:  # else already compacted (or zero) where masked; padding may hold NaN or -inf
         torch.where(mask, q, torch.zeros((), dtype=work_dtype, device=q.device), out=q)
     low, high = torch.aminmax(q)
@@ -162,23 +175,30 @@ def exact_group_sums(
     groups: GroupsLike = None,
     *,
     local_error: Optional[Exception] = None,
+    scratch: Optional[dict] = None,
 ) -> tuple[list[int], list[torch.Tensor]]:
     """Integer ``counts`` and exact fixed-point sums of ``values`` over the whole token group, in ONE all-reduce.
 
-    ``values`` are ``(name, tensor)`` pairs summed over the valid tokens (``mask``; ``None``: already compacted).
+    ``values`` are ``(name, tensor)`` pairs summed over the valid tokens (``mask``; ``None``: already compacted); a
+    ``(name, (a, b))`` pair sums the product ``a * b``.
     Every problem is folded into the same all-reduce as a count of ranks, so that all ranks raise together after
     it and none is left waiting in a collective: a ``local_error`` this rank found while checking its inputs
     (the rank then contributes zeros), NaN or inf on a valid token, magnitudes too large for exact sums.
     Counts of ranks cannot wrap, whatever the group size.
 
     Returns ``(counts, sums)``: Python ints, and float64 scalars (the exact sums, identical on every rank).
+    ``scratch``: a dict that keeps the work tensor, for the caller to reuse (:func:`work_tensor`).
     """
     g = as_groups(groups)
     world = g.token_world_size
-    device = mask.device if mask is not None else (values[0][1].device if values else torch.device("cpu"))
+    device = mask.device if mask is not None else torch.device("cpu")
+    if mask is None and values:
+        first = values[0][1]
+        device = (first[0] if isinstance(first, tuple) else first).device
     zero = torch.zeros((), dtype=torch.int64, device=device)
     local_counts = [zero if local_error is not None else c.to(torch.int64).reshape(()) for c in counts]
-    sums, non_finite, overflow, scratch = [], [], 0, {}
+    sums, non_finite, overflow = [], [], 0
+    scratch = {} if scratch is None else scratch
     for _, tensor in values:
         total, problem = (zero, 0) if local_error is not None else _fixed_point_sum(tensor, mask, world, scratch)
         sums.append(total)
@@ -271,19 +291,19 @@ def covariance_scores(
     return scores_from_means(logprobs, advantages, bool_mask, mean_l, mean_x, form)
 
 
-def scores_from_means(logprobs, advantages, mask, mean_l, mean_x, form):
-    """The covariance scores from the exact means, 0 on masked tokens."""
+def scores_from_means(logprobs, advantages, mask, mean_l, mean_x, form, out: Optional[torch.Tensor] = None):
+    """The covariance scores from the exact means, 0 on masked tokens (written into ``out`` if given)."""
     # fp32 elementwise math on identical inputs and identical (exact) means: bit-identical on every rank. In place
     # on two step-sized tensors (each fresh one costs its page faults).
     l = logprobs.detach().float()
     a = advantages.detach().float()
-    scores = torch.sub(l, mean_l.float())
+    scores = torch.sub(l, mean_l.float(), out=out)
     if form == "natural":
         x = torch.sub(a, mean_x.float())
     else:
         x = torch.exp(l).mul_(a).sub_(mean_x.float())
     scores.mul_(x)
-    return torch.where(mask, scores, torch.zeros((), dtype=scores.dtype), out=x)
+    return torch.where(mask, scores, torch.zeros((), dtype=scores.dtype), out=scores)
 
 
 # ----------------------------------------------------------------------------------------------- hash keys

@@ -47,6 +47,7 @@ from .exact import (
     exact_group_sums,
     masked_offer,
     rows_with_tokens,
+    work_tensor,
     merge_offers,
     scores_from_means,
     validate_token_inputs,
@@ -250,13 +251,17 @@ def build_step_plan(
     diagnose = config.covariance_diagnostics and clip_active is None
     if diagnose:
         values += diagnostic_inputs(old, adv, values[1][1], ok, empty)
-    (n_tokens, n_seqs), sums = exact_group_sums(counts, values, mask, groups, local_error=local_error)
+    scratch: dict = {}
+    (n_tokens, n_seqs), sums = exact_group_sums(counts, values, mask, groups, local_error=local_error,
+                                                scratch=scratch)
     denom = float(max(n_tokens, 1))
     mean_l, mean_x = sums[0] / denom, sums[1] / denom
     entropy_mean = float(sums[2] / denom) if "old_entropy" in needs else None
     uids = inputs.token_uids if inputs.token_uids is not None else default_token_uids(mask, groups)
     if clip_active is None:
-        scores = scores_from_means(old, adv, mask, mean_l, mean_x, config.cov_form)
+        # the sums' work tensor is free now: the scores take it
+        scores = scores_from_means(old, adv, mask, mean_l, mean_x, config.cov_form,
+                                   out=work_tensor(scratch, mask.shape, torch.float32, mask.device))
     else:
         scores = _reference_scores(_zero_masked(old, mask).float(), _zero_masked(adv, mask).float(), mask,
                                    config.cov_form)
