@@ -375,23 +375,28 @@ def _lexicographic_order(priority: torch.Tensor, uids: torch.Tensor) -> torch.Te
 
 
 # A top-k of a long vector is cut first to the entries at or above a threshold read off a strided sample (a few
-# passes instead of a full top-k); the threshold is checked to leave at least k entries, else a full top-k.
+# passes instead of a full top-k); the cut is checked to leave at least k entries, else a full top-k decides.
 _SAMPLE = 16384
 
 
-def _cut_threshold(priority: torch.Tensor, k: int) -> torch.Tensor:
-    """A value with at least ``k`` entries of ``priority`` (1-D, longer than ``k``) at or above it."""
+def _sampled_cut(priority: torch.Tensor, eligible: Optional[torch.Tensor], k: int,
+                 num_eligible: int) -> Optional[torch.Tensor]:
+    """The (eligible) entries of 1-D ``priority`` at or above a threshold read off a strided sample, as a bool
+    mask, when they are at least ``k``; None when the vector is short (a top-k is cheaper) or the cut leaves fewer."""
     n = priority.numel()
-    if n > 16 * k and n > 4 * _SAMPLE:
-        sample = priority[:: n // _SAMPLE]
-        expected = k * sample.numel() / n  # the sample's share of the top k
-        # 10% and four standard deviations of the sample's count above the expected share: short of k entries
-        # about once in 30,000 draws (then a full top-k)
-        rank = min(sample.numel(), int(1.1 * expected + 4.0 * math.sqrt(expected) + 8))
-        threshold = torch.topk(sample, rank, sorted=False).values.min()
-        if int((priority >= threshold).sum()) >= k:
-            return threshold
-    return torch.topk(priority, k, sorted=False).values.min()
+    if n <= 16 * k or n <= 4 * _SAMPLE:
+        return None
+    stride = n // _SAMPLE
+    sample = priority[::stride] if eligible is None else priority[::stride][eligible[::stride]]
+    expected = k * sample.numel() / max(num_eligible, 1)  # the sample's share of the top k
+    # 10% and four standard deviations above the expected share: the cut rarely leaves fewer than k entries
+    rank = int(1.1 * expected + 4.0 * math.sqrt(expected) + 8)
+    if not 0 < rank <= sample.numel():
+        return None
+    above = priority >= torch.topk(sample, rank, sorted=False).values.min()
+    if eligible is not None:
+        above.logical_and_(eligible)
+    return above if int(torch.count_nonzero(above)) >= k else None
 
 
 def local_offer(priority: torch.Tensor, positions: torch.Tensor, uids: torch.Tensor, k: int) -> Offer:
@@ -399,7 +404,10 @@ def local_offer(priority: torch.Tensor, positions: torch.Tensor, uids: torch.Ten
     only (padding is often half of a step, and a top-k over it is wasted work); ``uids`` the step's token uids,
     flat, read only at the candidates that can matter."""
     if priority.numel() > k:  # only the entries that can matter (ties at the cut included), before the exact sort
-        keep = (priority >= _cut_threshold(priority, k)).nonzero().squeeze(1)
+        above = _sampled_cut(priority, None, k, priority.numel())
+        if above is None:
+            above = priority >= torch.topk(priority, k, sorted=False).values.min()
+        keep = above.nonzero().squeeze(1)
         priority, positions = priority.index_select(0, keep), positions.index_select(0, keep)
     uids = uids.index_select(0, positions)
     order = _lexicographic_order(priority.to(torch.float64), uids)[:k]
@@ -420,21 +428,10 @@ def masked_offer(priority: torch.Tensor, eligible: torch.Tensor, uids: torch.Ten
     a cut read off a sample of the eligible tokens, then the few candidates at or above it (listing every valid
     token, or a step-sized copy, costs more than the passes this takes). ``num_eligible``: their count, if known."""
     flat, ok = priority.reshape(-1), eligible.reshape(-1)
-    n = flat.numel()
-    keep = None
-    if n > 16 * k and n > 4 * _SAMPLE:
-        stride = n // _SAMPLE
-        sample = flat[::stride][ok[::stride]]
-        if num_eligible is None:
-            num_eligible = int(torch.count_nonzero(ok))
-        expected = k * sample.numel() / max(num_eligible, 1)
-        rank = int(1.1 * expected + 4.0 * math.sqrt(expected) + 8)  # see _cut_threshold
-        if 0 < rank <= sample.numel():
-            above = (flat >= torch.topk(sample, rank, sorted=False).values.min()).logical_and_(ok)
-            if int(torch.count_nonzero(above)) >= k:
-                keep = above.nonzero().squeeze(1)
-    if keep is None:
-        keep = ok.nonzero().squeeze(1)
+    if num_eligible is None:
+        num_eligible = int(torch.count_nonzero(ok))
+    above = _sampled_cut(flat, ok, k, num_eligible)
+    keep = (ok if above is None else above).nonzero().squeeze(1)
     return local_offer(flat.index_select(0, keep), keep, uids.reshape(-1), k)
 
 

@@ -183,7 +183,7 @@ def test_in_worker_selection_with_dp2_is_the_step_selection_or_refused(harness):
     try:
         run = harness.run(WORKER_DP2)
     except ValueError as err:  # refused by name: acceptable
-        assert "nemo_rl.selection" in str(err), str(err)
+        assert "nemo_rl.plan" in str(err), str(err)
         return
     scalars = run.tensorboard_scalars()
     mismatches = []
