@@ -4,8 +4,8 @@ Prints two tables:
 
 1. Time of ``select_tokens`` (exact, global, one process holding the whole step) and of the whole step plan with
    the covariance diagnostics, against a verl-style per-call selection (means, quota and top-k per micro-batch,
-   per-token data copied to the host) on ~1M valid tokens, as a ratio; plus the bytes each approach moves (host
-   copies and collective payloads per rank).
+   per-token data copied to the host) on ~1M valid tokens, timed in turns (medians; the ratio is the median of
+   each round's ratio); plus the bytes each approach moves (host copies and collective payloads per rank).
 2. Overlap between the per-micro-batch selection (what the reference does on each GPU) and the exact global
    selection, on a synthetic GRPO-like batch, at ratios 2e-3 and 2e-4, for several micro-batch sizes.
 
@@ -45,13 +45,22 @@ def reference_per_call(logprobs, adv, mask, ratio, micro_batch):
     return chosen
 
 
-def _time(fn, repeats):
-    samples = []
+def _interleaved(fns, repeats):
+    """Median time of each function and median of each one's ratio to the first, timed in turns (one call of each
+    per round), so that a busy machine slows every function alike instead of whichever ran during the noise."""
+    for fn in fns:
+        fn()  # warm-up
+    rounds = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        times = []
+        for fn in fns:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        rounds.append(times)
+    medians = [statistics.median(r[i] for r in rounds) for i in range(len(fns))]
+    ratios = [statistics.median(r[i] / r[0] for r in rounds) for i in range(len(fns))]
+    return medians, ratios
 
 
 def main() -> None:
@@ -59,7 +68,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--responses", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--world", type=int, default=8, help="DP ranks assumed for the bytes column")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -75,19 +84,20 @@ def main() -> None:
         with_diagnostics = loss_config(dict(method="kl_cov", kl_cov_ratio=ratio))
         k = max(1, int(n * ratio))
         k_diag = max(1, int(n * 0.02))
-        t_ours = _time(lambda: select_tokens(cfg, logprobs, adv, mask, token_uids=uids, step=0), args.repeats)
-        t_plan = _time(lambda: build_step_plan(with_diagnostics, StepInputs(logprobs, adv, mask, uids), step=0),
-                       args.repeats)
-        t_ref = _time(lambda: reference_per_call(logprobs, adv, mask, ratio, micro_batch=4), args.repeats)
+        (t_ref, t_ours, t_plan), (_, r_ours, r_plan) = _interleaved([
+            lambda: reference_per_call(logprobs, adv, mask, ratio, micro_batch=4),
+            lambda: select_tokens(cfg, logprobs, adv, mask, token_uids=uids, step=0),
+            lambda: build_step_plan(with_diagnostics, StepInputs(logprobs, adv, mask, uids), step=0),
+        ], args.repeats)
         ours_bytes = 6 * 8 + args.world * k * 16  # all-reduce of 6 int64; all-gather of k (score, uid) pairs
         # + 3 diagnostic sums, + the top 2% for concentration, from which KL-Cov's top-k is read when k <= 2%
         plan_bytes = 9 * 8 + args.world * (k_diag if k <= k_diag else k + k_diag) * 16
         print(f"| {ratio:g} | reference, per micro-batch of 4 | {t_ref * 1e3:.1f} | 1.00 | {n * 8 / 2**20:.1f} MiB "
               f"| 0 (and a different answer) |")
-        print(f"| {ratio:g} | ours, exact global (k={k}) | {t_ours * 1e3:.1f} | {t_ours / t_ref:.2f} | 0 "
+        print(f"| {ratio:g} | ours, exact global (k={k}) | {t_ours * 1e3:.1f} | {r_ours:.2f} | 0 "
               f"| {ours_bytes / 1024:.1f} KiB (world {args.world}) |")
         print(f"| {ratio:g} | ours, the step plan with the covariance diagnostics | {t_plan * 1e3:.1f} | "
-              f"{t_plan / t_ref:.2f} | 0 | {plan_bytes / 1024:.1f} KiB (world {args.world}) |")
+              f"{r_plan:.2f} | 0 | {plan_bytes / 1024:.1f} KiB (world {args.world}) |")
     print()
     print("Overlap of the reference's per-micro-batch selection with the exact global top-k")
     print("(fraction of the global set the reference also picks; and how many tokens it picks instead of k):")

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Mapping, Optional
 
+from .controls import REGISTRY
 from .controls.base import ControlConfig, bad_value
 
-__all__ = ["LossConfig", "loss_config", "PAPER_RECIPES", "NEMO_RL_DEFAULTS", "to_plain"]
+__all__ = ["LossConfig", "loss_config", "NEMO_RL_DEFAULTS", "to_plain"]
 
 SCOPES = ("batch", "microbatch")
 COV_FORMS = ("natural", "vanilla")
@@ -124,8 +125,6 @@ class LossConfig:
     @property
     def selection_ratio(self) -> float:
         """The quota fraction of the active covariance selection (0 when none runs)."""
-        from .controls import REGISTRY
-
         for name in self.active_controls:
             ratio_key = getattr(REGISTRY[name], "ratio_key", None)
             if ratio_key is not None:
@@ -143,18 +142,6 @@ class LossConfig:
     def __post_init__(self) -> None:
         _validate(self)
 
-
-# The paper's recipes (arXiv 2505.22617, section 5 and its repository), as overrides on top of the defaults.
-PAPER_RECIPES: dict[str, dict[str, Any]] = {
-    "7b_kl_cov": dict(method="kl_cov", kl_cov_ratio=2e-3, kl_cov_coef=1.0, ratio_clip_min=0.2, ratio_clip_max=0.2,
-                      reference_policy_kl_penalty=0.0),
-    "7b_clip_cov": dict(method="clip_cov", clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0,
-                        ratio_clip_min=1.0, ratio_clip_max=1.0, reference_policy_kl_penalty=0.0),
-    "32b_kl_cov": dict(method="kl_cov", kl_cov_ratio=2e-4, kl_cov_coef=1.0, ratio_clip_min=0.2, ratio_clip_max=0.2,
-                       reference_policy_kl_penalty=0.0),
-    "32b_clip_cov": dict(method="clip_cov", clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0,
-                         ratio_clip_min=1.0, ratio_clip_max=1.0, reference_policy_kl_penalty=0.0),
-}
 
 def to_plain(value: Any) -> Any:
     """Plain Python containers from an OmegaConf node (resolved), a pydantic model (NeMo-RL's configs) or a
@@ -218,15 +205,11 @@ def _validate_section(section: ControlConfig) -> None:
 
 
 def _default_sections() -> Mapping[str, ControlConfig]:
-    from .controls import REGISTRY
-
     return {name: cls.config_class() for name, cls in REGISTRY.items()}
 
 
 def _validate_composition(cfg: LossConfig) -> None:
     """Known controls, no duplicates, no two of one exclusive group, none that needs the PPO ratio without it."""
-    from .controls import REGISTRY
-
     for key, names in (("method", (cfg.method,)), ("controls", cfg.controls)):
         for name in names:
             if name not in REGISTRY:
@@ -311,8 +294,6 @@ _CORE_KEYS = frozenset(f.name for f in fields(LossConfig)) - {"sections"}
 
 def _section_keys() -> dict[str, str]:
     """Every control key -> the control whose section holds it (checked unique across controls)."""
-    from .controls import REGISTRY
-
     owners: dict[str, str] = {}
     for name, cls in REGISTRY.items():
         for f in fields(cls.config_class):
@@ -336,8 +317,6 @@ def loss_config(mapping: Any = None, **overrides: Any) -> LossConfig:
     Raises ``ValueError`` naming the first offending key, its value and the allowed values. A
     :class:`LossConfig` passes through (with ``overrides`` applied).
     """
-    from .controls import REGISTRY
-
     if isinstance(mapping, LossConfig):
         values = mapping.to_dict()
     elif mapping is None:

@@ -14,8 +14,8 @@ import torch
 
 from .config import loss_config
 from .losses import accumulate_metrics, policy_loss
-from .plan import reference_selection
-from .selection import covariance_scores, select_tokens, token_uids_for
+from .plan import StepInputs, build_step_plan, reference_selection
+from .selection import covariance_scores, token_uids_for
 
 
 def synthetic_batch(prompts: int = 16, responses: int = 8, length: int = 512, seed: int = 0):
@@ -62,14 +62,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 continue
             cfg = loss_config(dict(method=method, scope=scope, **extra))
             total, chosen, metrics_sum = 0.0, torch.zeros_like(mask), {}
-            selected = select_tokens(cfg, old, adv, mask, token_uids=uids, step=0) if scope == "batch" else None
-            gvt, gvs = mask.sum().float(), mask.any(-1).sum().float()
+            plan = build_step_plan(cfg, StepInputs(old, adv, mask, uids), step=0)  # the whole batch is one step
+            selected = plan.selected if scope == "batch" else None
             for lo in range(0, mask.shape[0], args.micro_batch):
                 part = slice(lo, lo + args.micro_batch)
-                loss, metrics = policy_loss(
-                    cfg, current[part], old[part], adv[part], mask[part],
-                    selected=None if selected is None else selected[part], scores=scores[part],
-                    global_valid_tokens=gvt, global_valid_seqs=gvs, token_uids=uids[part])
+                loss, metrics = policy_loss(cfg, current[part], old[part], adv[part], mask[part],
+                                            plan=plan.rows(part), token_uids=uids[part])
                 total += float(loss)
                 accumulate_metrics(metrics_sum, metrics)
             if scope == "batch":

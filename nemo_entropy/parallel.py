@@ -20,6 +20,7 @@ data-dependent hang is possible. ``None`` for a group means "this process alone"
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -42,6 +43,13 @@ _world = group_world_size
 def world_size() -> int:
     """Processes of the default group (1 when torch.distributed is not initialised)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_dtensor(x) -> bool:
+    """Whether ``x`` is a ``torch.distributed.tensor.DTensor``, without importing that module (about a second) when
+    nothing has: a DTensor cannot exist before its module is loaded."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
 
 
 def _rank(group: Optional[ProcessGroup]) -> int:

@@ -9,7 +9,7 @@ same order on every rank:
    ``sum l`` and ``sum A`` (or ``sum p A``) for the covariance means, ``sum H`` when a control needs the step's
    mean entropy, and the count of ranks whose inputs are bad (so every rank raises together after it);
 2. with ``covariance_diagnostics``, one all-gather of the top 2% of covariance scores for the concentration
-   diagnostics (:func:`covariance_diagnostics`);
+   diagnostics (:mod:`nemo_entropy.covariance_diagnostics`);
 3. one all-gather per exact top-k a control asks for (:meth:`StepContext.top_k`), in registry order:
    KL-Cov's top covariance, Clip-Cov's random subset, a top-entropy quantile, ... A top-k of the covariance
    scores over every valid token of at most the diagnostics' 2% (KL-Cov at its ratios) is read from the
@@ -19,40 +19,42 @@ The result, a :class:`StepPlan`, holds the global counts, the exact covariance s
 (per-token tensors shaped like the step's mask, and scalars). The micro-batch loss takes ``plan.rows(...)`` and
 issues no collective. The engine calls this per optimizer step with its DP group; NeMo-RL's driver calls it with
 no group over the whole step (it holds every sample) and attaches the plan to the batch
-(:func:`plan_to_batch` / :func:`plan_from_batch`), so it rides with its tokens through sharding, packing and
+(:mod:`nemo_entropy.integrations.batch_keys`), so it rides with its tokens through sharding, packing and
 micro-batching.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from functools import cached_property
+from typing import Any, Mapping, Optional
 
 import torch
 
-from .parallel import GroupsLike, as_groups
-from .selection import (
-    chosen_from_merged,
+from .config import LossConfig
+from .controls import ControlSet
+from .covariance_diagnostics import (
+    DIAGNOSTICS,
+    ScoreTop,
+    concentration_top_k,
+    covariance_diagnostics,
+    diagnostic_inputs,
+)
+from .exact import (
+    chosen_from_offer,
     covariance_inputs,
     distributed_top_k,
     exact_group_sums,
-    merged_top_k,
+    masked_offer,
+    rows_with_tokens,
+    work_tensor,
+    merge_offers,
     scores_from_means,
-    selection_quota,
     validate_token_inputs,
 )
+from .parallel import GroupsLike, as_groups
 
-DIAGNOSTICS = "diagnostics"
-"""The plan values' name for the step's diagnostics (not a control name)."""
-CONCENTRATION_FRACTIONS = (0.0002, 0.002, 0.02)
-"""The fractions of the covariance-concentration diagnostics (the paper's 0.02%, and 0.2%, 2%)."""
-
-if TYPE_CHECKING:
-    from .config import LossConfig
-    from .controls import ControlSet
-
-__all__ = ["StepInputs", "StepContext", "StepPlan", "build_step_plan", "reference_selection", "plan_to_batch",
-           "plan_from_batch", "default_token_uids"]
+__all__ = ["StepInputs", "StepContext", "StepPlan", "build_step_plan", "reference_selection", "default_token_uids"]
 
 
 @dataclass
@@ -75,7 +77,7 @@ class StepInputs:
 def default_token_uids(mask: torch.Tensor, groups: GroupsLike = None) -> torch.Tensor:
     """Token uids unique over the token group without communication: ``flat index x world + rank``.
 
-    They depend on the layout (pass :func:`~nemo_entropy.selection.token_uids_for` uids for layout-independent
+    They depend on the layout (pass :func:`~nemo_entropy.exact.token_uids_for` uids for layout-independent
     random draws), but never coincide across ranks, so a quota is never exceeded.
     """
     g = as_groups(groups)
@@ -88,16 +90,14 @@ class StepContext:
     positions), the global counts and means, the exact covariance scores, and the one collective a control may
     ask for, :meth:`top_k`."""
 
-    def __init__(self, config: "LossConfig", inputs: StepInputs, mask: torch.Tensor, *, step: int, groups,
-                 num_valid_tokens: int, num_valid_seqs: int, scores: torch.Tensor,
+    def __init__(self, config: LossConfig, inputs: StepInputs, mask: torch.Tensor, *, token_uids: torch.Tensor,
+                 step: int, groups, num_valid_tokens: int, num_valid_seqs: int, scores: torch.Tensor,
                  entropy_mean: Optional[float], clip_active: Optional[torch.Tensor],
-                 score_top: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None):
+                 score_top: Optional[ScoreTop] = None, num_local_tokens: Optional[int] = None):
         self.config = config
         self.mask = mask
-        self.old_logprobs = inputs.old_logprobs
-        self.advantages = inputs.advantages
-        self.old_entropy = inputs.old_entropy
-        self.token_uids = inputs.token_uids
+        self._inputs = inputs
+        self.token_uids = token_uids
         self.step = step
         self.num_valid_tokens = num_valid_tokens
         self.num_valid_seqs = num_valid_seqs
@@ -108,6 +108,25 @@ class StepContext:
         """``scope: microbatch`` only: tokens the PPO clip already clipped (the reference skips them)."""
         self._groups = groups
         self._score_top = score_top
+        self._num_local_tokens = num_local_tokens
+
+    def _masked(self, tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if tensor is None:
+            return None
+        return torch.where(self.mask, tensor.detach().float(), torch.zeros((), dtype=torch.float32))
+
+    # Step-shaped fp32 copies with zeros on masked positions, made only for a control that reads them.
+    @cached_property
+    def old_logprobs(self) -> torch.Tensor:
+        return self._masked(self._inputs.old_logprobs)
+
+    @cached_property
+    def advantages(self) -> torch.Tensor:
+        return self._masked(self._inputs.advantages)
+
+    @cached_property
+    def old_entropy(self) -> Optional[torch.Tensor]:
+        return self._masked(self._inputs.old_entropy)
 
     def top_k(self, priority: torch.Tensor, eligible: torch.Tensor, k: int, *, with_threshold: bool = False):
         """The ``k`` eligible tokens of the whole step ranked first by (priority desc, token uid asc), and how many
@@ -115,12 +134,16 @@ class StepContext:
         the same ``k`` in the same order (controls derive ``k`` from the global counts). ``with_threshold`` adds
         the lowest chosen priority, identical on every rank (a quantile's value, for a metric).
 
-        The covariance scores over every valid token (``priority is scores``, ``eligible is mask``) with ``k`` no
-        larger than the diagnostics' merged top-k already held by the plan: read from it, no collective."""
-        if (self._score_top is not None and priority is self.scores and eligible is self.mask
-                and k <= self._score_top[0].numel()):
-            return chosen_from_merged(priority, self.token_uids, self.mask, *self._score_top, k,
-                                      with_threshold=with_threshold)
+        The covariance scores over every valid token (``priority is scores``, ``eligible is mask``): one cut of the
+        step and an offer of the few tokens above it, the answer written at their positions; with ``k`` no larger
+        than the diagnostics' merged top-k already held by the plan, read from it, no collective."""
+        if priority is self.scores and eligible is self.mask:
+            top = self._score_top
+            if top is None or k > top.priority.numel():
+                offer = masked_offer(self.scores, self.mask, self.token_uids, k, self._num_local_tokens)
+                top = ScoreTop(offer, *merge_offers(offer, k, self._groups))
+            return chosen_from_offer(top.offer, top.priority, top.uids, top.mine, k, self.mask.shape,
+                                     with_threshold=with_threshold)
         return distributed_top_k(priority, self.token_uids, eligible & self.mask, k, self._groups,
                                  with_threshold=with_threshold)
 
@@ -166,76 +189,6 @@ class StepPlan:
         return torch.zeros(self.scores.shape, dtype=torch.bool, device=self.scores.device)
 
 
-def _diagnostic_inputs(inputs: StepInputs, x: torch.Tensor, ok: bool, empty: torch.Tensor):
-    """The extra exact sums of the diagnostics: ``sum l X`` (the total covariance) and, for Theorem 1's form,
-    ``sum p A`` and ``sum l p A``."""
-    if not ok:
-        return [("logprobs x covariance input", empty), ("exp(logprobs) x advantages", empty),
-                ("logprobs x exp(logprobs) x advantages", empty)]
-    l = inputs.old_logprobs.detach().float()
-    pa = torch.exp(l) * inputs.advantages.detach().float()
-    return [("logprobs x covariance input", l * x.detach().float()), ("exp(logprobs) x advantages", pa),
-            ("logprobs x exp(logprobs) x advantages", l * pa)]
-
-
-def concentration_top_k(scores, uids, mask, n_tokens, groups) -> Optional[tuple[torch.Tensor, ...]]:
-    """The merged top 2% of the step's covariance scores (:func:`merged_top_k`, one all-gather), or None when the
-    step has no valid token (agreed by every rank: nobody enters the all-gather)."""
-    if n_tokens == 0:
-        return None
-    return merged_top_k(scores, uids, mask, selection_quota(max(CONCENTRATION_FRACTIONS), n_tokens), groups)
-
-
-def fraction_tag(fraction: float) -> str:
-    """``0.0002 -> "0.02pct"``: the fraction as a percent, for metric names."""
-    return f"{fraction * 100:g}pct"
-
-
-def concentration_sums(top: torch.Tensor, n: int, fractions=CONCENTRATION_FRACTIONS) -> list[tuple[float, int, float]]:
-    """Per fraction ``f``: ``(f, k, sum of the k largest scores)`` with ``k = max(1, floor(f n))`` (the controls'
-    quota, :func:`selection_quota`), from ``top``, the largest scores of ``n`` in descending order (at least the
-    ``max(k)`` largest; -inf padding is dropped, and ``k`` is cut to what is left)."""
-    running = torch.cumsum(top[torch.isfinite(top)].to(torch.float64), 0)
-    out = []
-    for fraction in fractions:
-        k = min(selection_quota(fraction, n), int(running.numel()))
-        out.append((float(fraction), k, float(running[k - 1])))
-    return out
-
-
-def covariance_diagnostics(top, n_tokens, mean_l, mean_x, sums) -> dict[str, float]:
-    """The paper's diagnostics of one step, exact over the token group, from the plan's sums and ``top``, the
-    merged top 2% of the scores (:func:`concentration_top_k`).
-
-    * ``cov_top_<p>pct_share`` / ``_mean``: the share of the step's total covariance ``sum c_i`` held by the top
-      ``max(1, floor(f N))`` tokens by score (f = 0.02%, 0.2%, 2%; 0 when the total is 0), and their mean;
-      ``cov_overall_mean`` the mean of all scores (the paper: 5.654 against 0.003 for the top 0.02%).
-    * ``entropy_change_predicted``: Theorem 1's ``-Cov(log pi, pi A)`` over the step's tokens, the predicted
-      entropy change per unit step size (its sign and correlation with the observed change are what the paper
-      reads; ``nemo-entropy law diagnose`` reports the correlation over a run).
-    """
-    if top is None:
-        return {}
-    sum_lx, sum_pa, sum_lpa = (float(t) for t in sums)
-    n = float(n_tokens)
-    total = sum_lx - n * float(mean_l) * float(mean_x)
-    out = {"cov_overall_mean": total / n}
-    for fraction, k, top_sum in concentration_sums(top[0], n_tokens):
-        tag = fraction_tag(fraction)
-        out[f"cov_top_{tag}_share"] = top_sum / total if total != 0.0 else 0.0
-        out[f"cov_top_{tag}_mean"] = top_sum / k
-    out["entropy_change_predicted"] = -(sum_lpa / n - float(mean_l) * sum_pa / n)
-    return out
-
-
-def diagnostic_metric_names() -> list[str]:
-    """The metric names :func:`covariance_diagnostics` produces (token shares in the loss's metrics)."""
-    names = ["cov_overall_mean", "entropy_change_predicted"]
-    for fraction in CONCENTRATION_FRACTIONS:
-        names += [f"cov_top_{fraction_tag(fraction)}_share", f"cov_top_{fraction_tag(fraction)}_mean"]
-    return names
-
-
 def _reference_scores(logprobs, advantages, mask, form) -> torch.Tensor:
     """``scope: microbatch``: the reference's scores, with plain float means over one call's valid tokens (its
     arithmetic, so its per-call selection is reproduced exactly, near-ties included)."""
@@ -244,6 +197,12 @@ def _reference_scores(logprobs, advantages, mask, form) -> torch.Tensor:
     x = advantages if form == "natural" else torch.exp(logprobs) * advantages
     scores = (logprobs - logprobs[mask].mean()) * (x - x[mask].mean())
     return torch.where(mask, scores, torch.zeros_like(scores))
+
+
+def _zero_masked(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``tensor`` detached, fp64 or fp32 (as the exact sums work), 0 where masked."""
+    dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    return torch.where(mask, tensor.detach().to(dtype), torch.zeros((), dtype=dtype, device=tensor.device))
 
 
 def _local_inputs(inputs: StepInputs, needs: frozenset[str], groups) -> tuple[Optional[torch.Tensor], Optional[Exception]]:
@@ -260,12 +219,12 @@ def _local_inputs(inputs: StepInputs, needs: frozenset[str], groups) -> tuple[Op
 
 
 def build_step_plan(
-    config: "LossConfig",
+    config: LossConfig,
     inputs: StepInputs,
     *,
     step: int,
     groups: GroupsLike = None,
-    controls: Optional["ControlSet"] = None,
+    controls: Optional[ControlSet] = None,
     clip_active: Optional[torch.Tensor] = None,
     local_error: Optional[Exception] = None,
 ) -> StepPlan:
@@ -278,42 +237,38 @@ def build_step_plan(
     the scores; one all-gather per other top-k a control asks for (module docstring).
     Bad inputs on any rank (or a ``local_error`` the caller found) make every rank raise after the all-reduce.
     """
-    from .controls import ControlSet
-
     controls = controls if controls is not None else ControlSet(config)
     needs = controls.needs
     mask, input_error = _local_inputs(inputs, needs, groups)
     local_error = local_error or input_error
     ok = local_error is None
     empty = torch.zeros(0)
-    counts = [mask.sum(), mask.any(-1).sum()] if ok else [torch.tensor(0), torch.tensor(0)]
-    values = covariance_inputs(inputs.old_logprobs, inputs.advantages, config.cov_form) if ok else \
-        [("logprobs", empty), ("advantages", empty)]
+    old, adv = inputs.old_logprobs, inputs.advantages  # padding may hold anything: masked where it is read
+    counts = [torch.count_nonzero(mask), rows_with_tokens(mask)] if ok else [torch.tensor(0), torch.tensor(0)]
+    values = covariance_inputs(old, adv, config.cov_form) if ok else [("logprobs", empty), ("advantages", empty)]
     if "old_entropy" in needs:
         values.append(("old_entropy", inputs.old_entropy if ok else empty))
     diagnose = config.covariance_diagnostics and clip_active is None
     if diagnose:
-        values += _diagnostic_inputs(inputs, values[1][1], ok, empty)
-    (n_tokens, n_seqs), sums = exact_group_sums(counts, values, mask, groups, local_error=local_error)
+        values += diagnostic_inputs(old, adv, values[1][1], ok, empty)
+    scratch: dict = {}
+    (n_tokens, n_seqs), sums = exact_group_sums(counts, values, mask, groups, local_error=local_error,
+                                                scratch=scratch)
     denom = float(max(n_tokens, 1))
     mean_l, mean_x = sums[0] / denom, sums[1] / denom
     entropy_mean = float(sums[2] / denom) if "old_entropy" in needs else None
     uids = inputs.token_uids if inputs.token_uids is not None else default_token_uids(mask, groups)
-    zero = torch.zeros((), dtype=torch.float32, device=mask.device)
-    local = StepInputs(
-        old_logprobs=torch.where(mask, inputs.old_logprobs.detach().float(), zero),
-        advantages=torch.where(mask, inputs.advantages.detach().float(), zero),
-        mask=mask, token_uids=uids,
-        old_entropy=None if inputs.old_entropy is None else torch.where(mask, inputs.old_entropy.detach().float(), zero),
-    )
     if clip_active is None:
-        scores = scores_from_means(local.old_logprobs, local.advantages, mask, mean_l, mean_x, config.cov_form)
+        # the sums' work tensor is free now: the scores take it
+        scores = scores_from_means(old, adv, mask, mean_l, mean_x, config.cov_form,
+                                   out=work_tensor(scratch, mask.shape, torch.float32, mask.device))
     else:
-        scores = _reference_scores(local.old_logprobs, local.advantages, mask, config.cov_form)
-    score_top = concentration_top_k(scores, uids, mask, n_tokens, groups) if diagnose else None
-    ctx = StepContext(config, local, mask, step=step, groups=groups, num_valid_tokens=n_tokens,
+        scores = _reference_scores(_zero_masked(old, mask).float(), _zero_masked(adv, mask).float(), mask,
+                                   config.cov_form)
+    score_top = concentration_top_k(scores, mask, uids, n_tokens, int(counts[0]), groups) if diagnose else None
+    ctx = StepContext(config, inputs, mask, token_uids=uids, step=step, groups=groups, num_valid_tokens=n_tokens,
                       num_valid_seqs=n_seqs, scores=scores, entropy_mean=entropy_mean, clip_active=clip_active,
-                      score_top=score_top)
+                      score_top=score_top, num_local_tokens=int(counts[0]))
     plan_values = {control.name: control.plan(ctx) for control in controls}
     if diagnose:
         plan_values[DIAGNOSTICS] = covariance_diagnostics(score_top, n_tokens, mean_l, mean_x, sums[-3:])
@@ -321,81 +276,11 @@ def build_step_plan(
                     values=plan_values)
 
 
-def reference_selection(config: "LossConfig", logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+def reference_selection(config: LossConfig, logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                         *, token_uids: Optional[torch.Tensor], step: int, clip_active: torch.Tensor,
-                        controls: Optional["ControlSet"] = None) -> StepPlan:
+                        controls: Optional[ControlSet] = None) -> StepPlan:
     """``scope: microbatch``: the reference's per-call selection (verl, the paper's repository), as a plan of one
     call: current detached log-probs, plain float means over the call's valid tokens, quota from the call's own
     count, tokens the PPO clip already clipped (``clip_active``) skipped. No communication."""
     return build_step_plan(config, StepInputs(logprobs.detach(), advantages, mask, token_uids), step=step,
                            controls=controls, clip_active=clip_active)
-
-
-# ----------------------------------------------------------------------------------------------- NeMo-RL batches
-PREFIX = "entropy_plan"
-
-
-def plan_to_batch(plans: list[tuple[slice, StepPlan]], batch_size: int, length: int,
-                  device: Optional[torch.device] = None) -> dict[str, torch.Tensor]:
-    """Per-sample tensors that carry the step plans of a batch through NeMo-RL's sharding, packing and
-    micro-batching: ``[B, S]`` per-token values (position ``t`` describes token ``t``, so the loss reads them
-    shifted by one, like every per-token tensor of NeMo-RL) and ``[B]`` per-step scalars. ``plans`` pairs each
-    optimizer step's sample rows with its plan (built on ``[rows, 1:]``).
-    """
-    out: dict[str, torch.Tensor] = {}
-
-    def put(key, rows, value):
-        if isinstance(value, torch.Tensor):
-            dtype = torch.float32 if value.dtype == torch.bool else value.dtype
-            name = f"{key}:bool" if value.dtype == torch.bool else key
-            buf = out.setdefault(name, torch.zeros(batch_size, length, dtype=dtype, device=device))
-            buf[rows, 1:] = value.to(dtype)
-        elif value is not None:
-            buf = out.setdefault(key, torch.zeros(batch_size, dtype=torch.float64, device=device))
-            buf[rows] = float(value)
-
-
-    for rows, plan in plans:
-        put(f"{PREFIX}.step", rows, plan.step)
-        put(f"{PREFIX}.scores", rows, plan.scores)
-        for name, vals in plan.values.items():
-            for key, value in vals.items():
-                put(f"{PREFIX}.{name}.{key}", rows, value)
-    return out
-
-
-def plan_from_batch(data: Mapping[str, Any], *, global_valid_tokens: float, global_valid_seqs: float,
-                    device: Optional[torch.device] = None) -> Optional[StepPlan]:
-    """The plan of a micro-batch from the keys :func:`plan_to_batch` attached (None when there are none).
-
-    Per-token tensors come back shifted (``[:, 1:]``) to align with NeMo-RL's next-token log-probs; per-step
-    scalars are read from the first sample (every sample of an optimizer step carries the same value).
-    """
-    step_key = f"{PREFIX}.step"
-    if step_key not in data:
-        return None
-    first = lambda t: t.reshape(-1)[0].item() if t.numel() else 0.0  # noqa: E731
-    values: dict[str, dict[str, Any]] = {}
-    scores = None
-    for key, tensor in data.items():
-        if not key.startswith(PREFIX + "."):
-            continue
-        name = key[len(PREFIX) + 1:]
-        is_bool = name.endswith(":bool")
-        name = name[:-5] if is_bool else name
-        if tensor.dim() >= 2:
-            value = tensor[:, 1:].to(device) if device is not None else tensor[:, 1:]
-            value = value != 0 if is_bool else value
-        else:
-            value = first(tensor)
-        if name == "step":
-            continue
-        if name == "scores":
-            scores = value.float()
-        else:
-            control, _, key_name = name.partition(".")
-            values.setdefault(control, {})[key_name] = value
-    if scores is None:
-        raise KeyError(f"{PREFIX}.scores is missing from the batch next to {step_key}")
-    return StepPlan(step=int(first(data[step_key])), global_valid_tokens=float(global_valid_tokens),
-                    global_valid_seqs=float(global_valid_seqs), scores=scores, values=values)

@@ -17,10 +17,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import runpy
 import shlex
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from .engine import run_local, validate_engine_config
+from .engine.run_folder import EngineExit
+from .engine.schema import check_added_keys, check_config_file, config_file_error
+from .integrations.megatron import parallel_layout
+from .integrations.nemo_rl import loss_config_from_nemo_rl
+from .integrations.nemo_rl_run import check_nemo_rl_run_config, install, merge_onto_nemo_rl, nemo_rl_options
 
 __all__ = ["main", "compose_config", "load_run_config", "validate_run_config", "default_config_dir", "NemoRLUnavailable"]
 
@@ -93,9 +101,6 @@ def validate_run_config(cfg: Any) -> tuple[dict, Any, Any]:
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from .integrations.megatron import parallel_layout
-    from .integrations.nemo_rl import loss_config_from_nemo_rl
-
     try:
         plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     except OmegaConfBaseException as err:
@@ -121,13 +126,9 @@ def validate_run_config(cfg: Any) -> tuple[dict, Any, Any]:
                 f"grpo.num_prompts_per_step x num_generations_per_prompt = {rollout}"
             )
     if backend == "nemo_rl":
-        from .integrations.nemo_rl_run import check_nemo_rl_run_config, nemo_rl_options
-
         plain["nemo_rl"] = nemo_rl_options(plain.get("nemo_rl"))
         check_nemo_rl_run_config(plain, plain["nemo_rl"], data_parallel_size=layout.dp)
     else:
-        from .engine import validate_engine_config
-
         validate_engine_config(cfg)
     return plain, loss, layout
 
@@ -140,8 +141,6 @@ def load_run_config(config_name: str, overrides: Sequence[str] = (), config_dir:
     Raises ``ValueError`` with one line naming the key, or ``file:line:column`` of a YAML error.
     """
     from omegaconf import OmegaConf
-
-    from .engine.schema import check_added_keys, check_config_file, config_file_error
 
     def plain_config(some_overrides):
         return OmegaConf.to_container(compose_config(config_name, some_overrides, config_dir), resolve=True)
@@ -174,8 +173,6 @@ def prepare_nemo_rl_run(plain: dict, config_name: str):
     """NeMo-RL's base config with ours merged on top, resolved and validated (a
     :class:`~nemo_entropy.integrations.nemo_rl_run.NemoRLRunConfig`): the one path the run entry and
     ``nemo-entropy check-nemo-rl --config-name`` share. Raises :class:`NemoRLUnavailable` or ``ValueError``."""
-    from .integrations.nemo_rl_run import merge_onto_nemo_rl
-
     nemo_rl_module, grpo = _import_nemo_rl(config_name)
     return merge_onto_nemo_rl(plain, nemo_rl_module, grpo)
 
@@ -184,12 +181,8 @@ def run_nemo_rl(run, plain: dict) -> int:
     """Run NeMo-RL's own GRPO example (``run``: from :func:`prepare_nemo_rl_run`) on the merged config, with our loss
     (built by its ``setup()``) and the per-step selection wrapper on every training entry
     (:func:`nemo_entropy.integrations.nemo_rl_run.install`)."""
-    import runpy
-
     from nemo_rl.algorithms import grpo  # type: ignore  # imported by prepare_nemo_rl_run already
     from omegaconf import OmegaConf
-
-    from .integrations.nemo_rl_run import install
 
     out_dir = Path(plain["logger"]["log_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -251,14 +244,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             section = plain["nemo_rl"]
             print(f"# would run (inside the NeMo-RL container, on the Ray head): {command}")
             print(f"#   -> NeMo-RL examples/run_grpo.py on {section['base_config']} + this config, loss "
-                  f"EntropyControlLossFn(input_type={section['input_type']}), selection on the {section['selection']}")
+                  f"EntropyControlLossFn(input_type={section['input_type']}), the plan on the {section['plan']}")
         else:
             print(f"# would run: {command}  (nemo_entropy.engine.run_local)")
         return 0
     if plain["backend"] == "local":
-        from .engine import run_local
-        from .engine.run_folder import EngineExit
-
         try:
             result = run_local(cfg) or {}
         except EngineExit as err:  # refused, interrupted, a disk error: one line, its exit code

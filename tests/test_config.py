@@ -3,7 +3,8 @@
 import pytest
 from omegaconf import OmegaConf
 
-from nemo_entropy.config import PAPER_RECIPES, LossConfig, loss_config
+from nemo_entropy import train
+from nemo_entropy.config import LossConfig, loss_config
 
 
 def test_defaults_are_the_papers():
@@ -22,10 +23,24 @@ def test_omegaconf_node_and_yaml_ints_are_accepted():
     assert loss_config(cfg.to_dict()) == cfg
 
 
+# The paper's recipes (arXiv 2505.22617, section 5 and its repository); they live in conf/grpo_<size>_<method>.yaml.
+PAPER_RECIPES = {
+    "grpo_7b_kl_cov": dict(method="kl_cov", kl_cov_ratio=2e-3, kl_cov_coef=1.0, ratio_clip_min=0.2,
+                           ratio_clip_max=0.2, reference_policy_kl_penalty=0.0),
+    "grpo_7b_clip_cov": dict(method="clip_cov", clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0,
+                             ratio_clip_min=1.0, ratio_clip_max=1.0, reference_policy_kl_penalty=0.0),
+    "grpo_32b_kl_cov": dict(method="kl_cov", kl_cov_ratio=2e-4, kl_cov_coef=1.0, ratio_clip_min=0.2,
+                            ratio_clip_max=0.2, reference_policy_kl_penalty=0.0),
+    "grpo_32b_clip_cov": dict(method="clip_cov", clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0,
+                              ratio_clip_min=1.0, ratio_clip_max=1.0, reference_policy_kl_penalty=0.0),
+}
+
+
 @pytest.mark.parametrize("name", sorted(PAPER_RECIPES))
 def test_paper_recipes_validate(name):
-    cfg = loss_config(PAPER_RECIPES[name])
+    _, cfg, _ = train.validate_run_config(train.compose_config(name))
     assert cfg.selection_ratio in (2e-3, 2e-4)
+    assert {key: getattr(cfg, key) for key in PAPER_RECIPES[name]} == PAPER_RECIPES[name]
 
 
 @pytest.mark.parametrize(

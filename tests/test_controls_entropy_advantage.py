@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nemo_entropy.config import loss_config
-from nemo_entropy.integrations import EntropyControlLossFn, attach_batch_selection
+from nemo_entropy.integrations import EntropyControlLossFn, attach_step_plans
 from nemo_entropy.losses import policy_loss
 from nemo_entropy.plan import StepInputs, build_step_plan
 
@@ -92,7 +92,7 @@ def test_nemo_rl_adapter_with_logit_input():
     logits only through the log-probs (float64 reference by autograd over the logits)."""
     logits, _, data = nemo_rl_batch(seed=24)
     cfg = {"method": "entropy_advantage", "reference_policy_kl_penalty": 0.0}
-    attach_batch_selection(data, loss_config(cfg), train_global_batch_size=4, first_step=0)
+    attach_step_plans(data, loss_config(cfg), train_global_batch_size=4, first_step=0)
     fn = EntropyControlLossFn(cfg, input_type="logit")
     leaf = logits.float().requires_grad_(True)
     losses, metrics = run_adapter(fn, data, leaf, gbs=4, mbs=2, key="logits")

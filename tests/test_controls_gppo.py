@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nemo_entropy.config import loss_config
-from nemo_entropy.integrations import EntropyControlLossFn, attach_batch_selection
+from nemo_entropy.integrations import EntropyControlLossFn, attach_step_plans
 from nemo_entropy.losses import policy_loss
 
 from .controls_oracle import D, nemo_rl_batch, nemo_rl_mask, ppo_clipped, run_adapter, step_batch, token_mean
@@ -86,7 +86,7 @@ def test_refused_settings_name_the_keys(cfg, message):
 def test_nemo_rl_adapter_sums_to_the_reference():
     _, lp, data = nemo_rl_batch(seed=14)
     cfg = {"method": "gppo", "reference_policy_kl_penalty": 0.0}
-    attach_batch_selection(data, loss_config(cfg), train_global_batch_size=4, first_step=0)
+    attach_step_plans(data, loss_config(cfg), train_global_batch_size=4, first_step=0)
     fn = EntropyControlLossFn(cfg)
     curr = (data["prev_logprobs"][:, 1:] + 0.5 * torch.sin(torch.arange(lp.numel(), dtype=D) * 0.7)
             .reshape(lp.shape)).float().requires_grad_(True)

@@ -16,7 +16,7 @@ import torch
 from nemo_entropy import train
 from nemo_entropy.engine import run_local
 from nemo_entropy.integrations import batch_keys
-from nemo_entropy.plan import plan_from_batch
+from nemo_entropy.integrations.batch_keys import plan_from_batch
 from nemo_entropy.selection import token_uids_for
 
 STANDIN = Path(__file__).resolve().parent / "nemo_rl_standin"
@@ -133,8 +133,8 @@ def test_top_entropy_end_to_end_through_the_nemo_rl_standin(tmp_path, monkeypatc
      ["['top_entropy']", "policy.megatron_cfg.context_parallel_size=2"]),
     (["loss_fn.method=gppo", "++loss_fn.controls=[entropy_advantage]", "nemo_rl.input_type=logit",
       "policy.megatron_cfg.context_parallel_size=2"], ["['entropy_advantage']", "context_parallel_size=2"]),
-    (["loss_fn.method=top_entropy", "nemo_rl.selection=worker", "policy.sequence_packing.enabled=false"],
-     ["nemo_rl.selection='worker'", "['top_entropy']"]),
+    (["loss_fn.method=top_entropy", "nemo_rl.plan=worker", "policy.sequence_packing.enabled=false"],
+     ["nemo_rl.plan='worker'", "['top_entropy']"]),
 ])
 def test_entropy_reading_controls_without_their_input_are_refused_at_dry_run(overrides, names, capsys):
     """Refused before Ray starts, naming the control and the key: the LOGPROB input has no current entropy, a

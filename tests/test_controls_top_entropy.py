@@ -13,7 +13,7 @@ import torch
 
 from nemo_entropy.config import loss_config
 from nemo_entropy.controls.top_entropy import kept_count
-from nemo_entropy.integrations import EntropyControlLossFn, attach_batch_selection
+from nemo_entropy.integrations import EntropyControlLossFn, attach_step_plans
 from nemo_entropy.losses import policy_loss
 from nemo_entropy.plan import StepInputs, build_step_plan
 
@@ -95,7 +95,7 @@ def test_nemo_rl_adapter_with_the_plan_attached_on_the_driver():
     tokens by the attached old entropy, and the summed micro-batch losses, gradients and metrics are the step's."""
     _, lp, data = nemo_rl_batch(seed=11)
     cfg = {"method": "top_entropy", "top_entropy_quantile": 0.3, "reference_policy_kl_penalty": 0.0}
-    attach_batch_selection(data, loss_config(cfg), train_global_batch_size=4, first_step=0)
+    attach_step_plans(data, loss_config(cfg), train_global_batch_size=4, first_step=0)
     fn = EntropyControlLossFn(cfg)
     curr = (lp + 0.1 * torch.sin(torch.arange(lp.numel(), dtype=D)).reshape(lp.shape)).float().requires_grad_(True)
     losses, metrics = run_adapter(fn, data, curr, gbs=4, mbs=2)
@@ -116,4 +116,4 @@ def test_nemo_rl_adapter_with_the_plan_attached_on_the_driver():
     missing = dict(data)
     missing.pop("entropy_old")
     with pytest.raises(KeyError, match="entropy_old"):
-        attach_batch_selection(missing, loss_config(cfg), train_global_batch_size=4, first_step=0)
+        attach_step_plans(missing, loss_config(cfg), train_global_batch_size=4, first_step=0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nemo_entropy.config import loss_config
-from nemo_entropy.integrations import EntropyControlLossFn, attach_batch_selection
+from nemo_entropy.integrations import EntropyControlLossFn, attach_step_plans
 from nemo_entropy.losses import policy_loss
 
 from .controls_oracle import D, nemo_rl_batch, nemo_rl_mask, ppo_clipped, run_adapter, step_batch, token_mean
@@ -121,7 +121,7 @@ def test_nemo_rl_adapter_sums_to_the_reference():
     """LOGPROB input; NeMo-RL's micro-batches and optimizer steps; every metric has a normalisation."""
     _, lp, data = nemo_rl_batch(seed=12)
     cfg = {"method": "w_reinforce", "w_reinforce_lambda": 0.25, "reference_policy_kl_penalty": 0.0}
-    attach_batch_selection(data, loss_config(cfg), train_global_batch_size=4, first_step=0)
+    attach_step_plans(data, loss_config(cfg), train_global_batch_size=4, first_step=0)
     fn = EntropyControlLossFn(cfg)
     curr = (lp + 0.15 * torch.cos(torch.arange(lp.numel(), dtype=D)).reshape(lp.shape)).float().requires_grad_(True)
     losses, metrics = run_adapter(fn, data, curr, gbs=4, mbs=2)

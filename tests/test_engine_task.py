@@ -12,7 +12,8 @@ from collections import Counter
 import pytest
 import torch
 
-from nemo_entropy.engine.compare import aggregate, mean_interval, parse_seeds, summarise, t_quantile
+from nemo_entropy.engine.compare import aggregate, parse_seeds, summarise
+from nemo_entropy.engine.intervals import mean_interval, t_quantile
 from nemo_entropy.engine.passk import pass_at_k, pass_at_k_metrics
 from nemo_entropy.engine.task import (
     BOS, COMMA, DIGIT0, EOS, EQUALS, MINUS, PAD, PLUS, TIMES, CountdownTask, build_task, decode, encode_digits,

@@ -1,6 +1,6 @@
 """The entropy-driven controls on the NeMo-RL path: a cluster config dry-runs with each of them; LOGPROB input is
 refused by name for the controls that need the logits; and the adapter, called as NeMo-RL >= v0.6 calls a LOGIT
-loss on batches that carry the driver's plan (``attach_batch_selection``, with ``entropy_old`` for the controls that
+loss on batches that carry the driver's plan (``attach_step_plans``, with ``entropy_old`` for the controls that
 need the old entropy), gives the float64 loss and logit gradient, micro-batches summing to the full batch, with
 the driver's controls advancing once per optimizer step."""
 
@@ -14,8 +14,8 @@ import torch
 from nemo_entropy import train
 from nemo_entropy.config import loss_config
 from nemo_entropy.controls import ControlSet
-from nemo_entropy.integrations import EntropyControlLossFn, attach_batch_selection, batch_keys
-from nemo_entropy.plan import plan_from_batch
+from nemo_entropy.integrations import EntropyControlLossFn, attach_step_plans, batch_keys
+from nemo_entropy.integrations.batch_keys import plan_from_batch
 
 from .entropy_controls import clamped_entropy64, clipped_surrogate64, entropy64
 from .test_integrations_nemo_rl import B, D, _batch, _counts, _slice
@@ -95,7 +95,7 @@ def test_adapter_with_the_attached_plan_and_logit_input_matches_float64(name):
     logits, data = _nemo_rl_batch(seed=61)
     cfg = {**CONFIGS[name], "reference_policy_kl_penalty": 0.0}
     driver_controls = ControlSet(loss_config(cfg))
-    attach_batch_selection(data, loss_config(cfg), train_global_batch_size=B, first_step=0, controls=driver_controls)
+    attach_step_plans(data, loss_config(cfg), train_global_batch_size=B, first_step=0, controls=driver_controls)
     gvs, gvt = _counts(data)
     fn = EntropyControlLossFn(cfg, input_type="logit")
     full = logits.float().clone().requires_grad_(True)
@@ -129,7 +129,7 @@ def test_driver_controls_advance_once_per_optimizer_step_and_the_plan_carries_ea
     moving = {"adaptive_entropy": {"entropy_target": 0.5}, "aent": {"aent_entropy_high": 0.6}}.get(name, {})
     cfg = loss_config({**CONFIGS[name], "reference_policy_kl_penalty": 0.0, **moving})  # the state must move
     driver = ControlSet(cfg)
-    steps = attach_batch_selection(data, cfg, train_global_batch_size=4, first_step=10, controls=driver)
+    steps = attach_step_plans(data, cfg, train_global_batch_size=4, first_step=10, controls=driver)
     assert steps == 2
     mirror = ControlSet(cfg)  # the same two steps, planned and updated one by one
     from nemo_entropy.plan import StepInputs, build_step_plan
@@ -150,7 +150,7 @@ def test_driver_controls_advance_once_per_optimizer_step_and_the_plan_carries_ea
 
 def test_a_control_that_needs_the_logits_refuses_a_logprob_call():
     _, data = _nemo_rl_batch(seed=63)
-    attach_batch_selection(data, loss_config(CONFIGS["aent"]), train_global_batch_size=B, first_step=0)
+    attach_step_plans(data, loss_config(CONFIGS["aent"]), train_global_batch_size=B, first_step=0)
     gvs, gvt = _counts(data)
     lp = data["prev_logprobs"][:, 1:].float()
     with pytest.raises(RuntimeError, match=r"\['aent'\] compute values from the logits shard"):

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from nemo_entropy.config import loss_config
-from nemo_entropy.integrations import EntropyControlLossFn, attach_batch_selection
-from nemo_entropy.plan import plan_from_batch
+from nemo_entropy.integrations import EntropyControlLossFn, attach_step_plans
+from nemo_entropy.integrations.batch_keys import plan_from_batch
 
 D = torch.float64
 B, S, V = 8, 12, 17
@@ -167,7 +167,7 @@ def test_every_nemo_rl_calling_convention_gives_the_same_loss():
     logits, lp, data = _batch(seed=2)
     gvs, gvt = _counts(data)
     cfg = {"method": "kl_cov", "kl_cov_ratio": 0.1, "reference_policy_kl_penalty": 0.0}
-    attach_batch_selection(data, loss_config(cfg), train_global_batch_size=B, first_step=0)
+    attach_step_plans(data, loss_config(cfg), train_global_batch_size=B, first_step=0)
     logits32 = logits.float()
 
     def run(call):
@@ -206,7 +206,7 @@ def test_every_nemo_rl_calling_convention_gives_the_same_loss():
 
 def test_interface_attributes_and_metric_normalizations():
     fn = EntropyControlLossFn({"method": "clip_cov", "truncated_importance_sampling_ratio": 2.0,
-                               "use_importance_sampling_correction": True}, selection="worker")
+                               "use_importance_sampling_correction": True}, plan="worker")
     assert fn.loss_type.value == "token_level" and fn.input_type.value == "logprob"
     assert fn.config.truncated_importance_sampling_type == "tis"  # NeMo-RL <= v0.5 meaning
     assert EntropyControlLossFn({"token_level_loss": False}, input_type="logit").loss_type.value == "sequence_level"
@@ -253,7 +253,7 @@ def test_micro_batches_and_dp_ranks_sum_to_the_full_batch(method):
     _, lp, data = _batch(seed=5)
     cfg = {"method": method, "kl_cov_ratio": 0.1, "clip_cov_ratio": 0.1, "clip_cov_lb": -1.0,
            "use_importance_sampling_correction": True, "reference_policy_kl_penalty": 0.1}
-    attach_batch_selection(data, loss_config(cfg), train_global_batch_size=B, first_step=7)
+    attach_step_plans(data, loss_config(cfg), train_global_batch_size=B, first_step=7)
     if method != "ppo":
         assert plan_from_batch(data, global_valid_tokens=1, global_valid_seqs=1).selected.sum() > 0
     gvs, gvt = _counts(data)
@@ -287,7 +287,7 @@ def test_attached_selection_is_used_as_is():
     """The loss applies exactly the driver's mask: KL-Cov's penalty appears only on attached tokens."""
     _, lp, data = _batch(seed=6)
     cfg = {"method": "kl_cov", "kl_cov_ratio": 0.05, "reference_policy_kl_penalty": 0.0}
-    attach_batch_selection(data, loss_config(cfg), train_global_batch_size=B, first_step=0)
+    attach_step_plans(data, loss_config(cfg), train_global_batch_size=B, first_step=0)
     gvs, gvt = _counts(data)
     chosen = plan_from_batch(data, global_valid_tokens=1, global_valid_seqs=1).selected
     curr = (data["prev_logprobs"][:, 1:] + 0.2).clone().requires_grad_(True)

@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 
 from nemo_entropy.config import loss_config
-from nemo_entropy.integrations import EntropyControlLossFn, attach_batch_selection, select_in_worker
+from nemo_entropy.integrations import EntropyControlLossFn, attach_step_plans, plan_in_worker
 from nemo_entropy.parallel import ParallelGroups
-from nemo_entropy.plan import plan_from_batch
+from nemo_entropy.integrations.batch_keys import plan_from_batch
 from tests.distributed import run_distributed
 
 TP, DP, PP = 2, 2, 2
@@ -78,15 +78,16 @@ def _in_worker_scenario(rank: int, world_size: int) -> dict:
         config = loss_config(cfg)
         data = _rollout_batch()
         # worker mode on the driver: only uids and steps travel with the data
-        attach_batch_selection(data, config, train_global_batch_size=GBS, first_step=100, attach_mask=False)
-        adapter = EntropyControlLossFn(cfg, groups=groups, selection="worker")
+        attach_step_plans(data, config, train_global_batch_size=GBS, first_step=100, attach_plans=False)
+        adapter = EntropyControlLossFn(cfg, groups=groups, plan="worker")
         for step in range(BATCH // GBS):
             rows = _worker_rows(step, dp_rank)
             local = {k: v[rows] for k, v in data.items()}
-            selected = select_in_worker(config, local, groups=groups)
-            if selected is None:
+            plan = plan_in_worker(config, local, groups=groups)
+            if plan is None:
                 assert not groups.is_last_pp_stage
                 continue
+            selected = plan.selected
             out["masks"][(name, step)] = (rows, selected)
             # The adapter's own in-worker mode: one call holds this rank's whole share of the step.
             mask = local["token_mask"][:, 1:] * local["sample_mask"][:, None]
@@ -104,7 +105,7 @@ def test_driver_and_in_worker_selection_are_identical():
     for name, cfg in CONFIGS.items():
         config = loss_config(cfg)
         driver = _rollout_batch()
-        attach_batch_selection(driver, config, train_global_batch_size=GBS, first_step=100)
+        attach_step_plans(driver, config, train_global_batch_size=GBS, first_step=100)
         driver_mask = plan_from_batch(driver, global_valid_tokens=1, global_valid_seqs=1).selected
         assert driver_mask.sum() >= 4, "the test needs a non-trivial selection"
         for step in range(BATCH // GBS):

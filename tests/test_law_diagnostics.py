@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from nemo_entropy.law import (LawInputError, covariance_concentration, covariance_concentration_metrics,
-                              entropy_change_correlation)
+from nemo_entropy.law import LawInputError, entropy_change_correlation
+from nemo_entropy.law.concentration import covariance_concentration, covariance_concentration_metrics
 
 
 def brute_force(scores, fraction):

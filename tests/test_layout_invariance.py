@@ -11,7 +11,8 @@ import torch.distributed as dist
 from nemo_entropy.config import loss_config
 from nemo_entropy.losses import policy_loss
 from nemo_entropy.parallel import ParallelGroups
-from nemo_entropy.selection import covariance_scores, select_tokens, token_uids_for
+from nemo_entropy.plan import StepInputs, build_step_plan
+from nemo_entropy.selection import select_tokens, token_uids_for
 
 from .distributed import run_distributed
 
@@ -47,18 +48,14 @@ def run_layout(cur, old, adv, mask, uids, samples, groups, cfg_dict):
     idx = torch.tensor(samples, dtype=torch.long)
     c, o, a, m, u = (t[idx] for t in (cur, old, adv, mask, uids))
     selected = select_tokens(cfg, o, a, m, token_uids=u, step=STEP, groups=groups)
-    scores = covariance_scores(o, a, m, groups=groups)
-    counts = groups.token_all_reduce_sum(torch.stack([m.sum(), m.any(-1).sum(), selected.sum()]).double())
+    plan = build_step_plan(cfg, StepInputs(o, a, m, u), step=STEP, groups=groups)
     out = {"samples": samples, "selected": selected}
     for mbs in MICRO_BATCH_SIZES:
         x = c.clone().requires_grad_()
         total = 0.0
         for lo in range(0, len(samples), mbs):
             part = slice(lo, lo + mbs)
-            loss, _ = policy_loss(cfg, x[part], o[part], a[part], m[part], selected=selected[part],
-                                  scores=scores[part], global_valid_tokens=counts[0].float(),
-                                  global_valid_seqs=counts[1].float(), global_selected_tokens=counts[2].float(),
-                                  groups=groups, token_uids=u[part], step=STEP)
+            loss, _ = policy_loss(cfg, x[part], o[part], a[part], m[part], plan=plan.rows(part), token_uids=u[part])
             loss.backward()
             total += float(loss.detach())
         out[f"loss_mbs{mbs}"] = total

@@ -5,8 +5,8 @@ import torch
 
 from nemo_entropy.config import loss_config
 from nemo_entropy.losses import policy_loss
-from nemo_entropy.plan import reference_selection
-from nemo_entropy.selection import covariance_scores, select_tokens, token_uids_for
+from nemo_entropy.plan import StepInputs, build_step_plan, reference_selection
+from nemo_entropy.selection import select_tokens, token_uids_for
 
 
 def _batch(seed=0, batch=10, length=24, spread=0.3):
@@ -73,8 +73,8 @@ def test_loss_and_gradient_match_float64(case, scope):
         selected = reference_selection(cfg, cur.float(), adv.float(), mask, token_uids=uids, step=3,
                                        clip_active=clip_active & mask).selected
     x = cur.float().clone().requires_grad_()
-    loss, metrics = policy_loss(cfg, x, old.float(), adv.float(), mask,
-                                selected=selected if scope == "batch" else None, token_uids=uids, step=3)
+    # No plan: the loss plans over this call (the whole batch), which selects `selected` in batch scope.
+    loss, metrics = policy_loss(cfg, x, old.float(), adv.float(), mask, token_uids=uids, step=3)
     loss.backward()
 
     x64 = cur.clone().requires_grad_()
@@ -143,16 +143,12 @@ def test_micro_batch_losses_sum_to_the_batch_loss(token_level):
     cur, old, adv, mask = _batch(seed=5, batch=12)
     cur, old, adv = cur.float(), old.float(), adv.float()
     uids = token_uids_for(torch.arange(12), cur.shape[1])
-    selected = select_tokens(cfg, old, adv, mask, token_uids=uids, step=0)
-    scores = covariance_scores(old, adv, mask)
-    full, full_metrics = policy_loss(cfg, cur, old, adv, mask, selected=selected, scores=scores)
-    gvt, gvs = mask.sum().float(), mask.any(-1).sum().float()
+    plan = build_step_plan(cfg, StepInputs(old, adv, mask, uids), step=0)
+    full, full_metrics = policy_loss(cfg, cur, old, adv, mask, token_uids=uids)
     total, summed = 0.0, {}
     for lo in range(0, 12, 4):
         part = slice(lo, lo + 4)
-        loss, metrics = policy_loss(cfg, cur[part], old[part], adv[part], mask[part], selected=selected[part],
-                                    scores=scores[part], global_valid_tokens=gvt, global_valid_seqs=gvs,
-                                    global_selected_tokens=selected.sum().float())
+        loss, metrics = policy_loss(cfg, cur[part], old[part], adv[part], mask[part], plan=plan.rows(part))
         total += float(loss)
         for key, value in metrics.items():
             summed[key] = summed.get(key, 0.0) + value if not key.endswith(("_min", "_max")) else value
@@ -199,13 +195,12 @@ def test_bad_inputs_to_the_loss_raise():
     cur, old, adv, mask = _batch()
     with pytest.raises(ValueError, match="old_logprobs has shape"):
         policy_loss(cfg, cur.float(), old.float()[:, 1:], adv.float(), mask)
-    with pytest.raises(ValueError, match="selected must be a bool"):
-        policy_loss(cfg, cur.float(), old.float(), adv.float(), mask, selected=mask.float())
+    with pytest.raises(TypeError, match="selected"):  # the loss takes a plan, not its pieces
+        policy_loss(cfg, cur.float(), old.float(), adv.float(), mask, selected=mask)
     with pytest.raises(ValueError, match="reference_logprobs"):
         policy_loss(loss_config(dict(reference_policy_kl_penalty=0.1)), cur.float(), old.float(), adv.float(), mask)
-    with pytest.raises(ValueError, match="do not pass `selected`"):
-        policy_loss(loss_config(dict(scope="microbatch")), cur.float(), old.float(), adv.float(), mask,
-                    selected=mask)
+    with pytest.raises(TypeError, match="scores"):
+        policy_loss(cfg, cur.float(), old.float(), adv.float(), mask, scores=adv.float())
 
 
 def test_accumulate_metrics_sums_and_takes_extrema():

@@ -27,9 +27,9 @@ import torch
 
 from nemo_entropy import train
 from nemo_entropy.config import loss_config
-from nemo_entropy.integrations import BatchSelectionPolicy, EntropyControlLossFn, batch_keys
+from nemo_entropy.integrations import StepPlanPolicy, EntropyControlLossFn, batch_keys
 from nemo_entropy.integrations.nemo_rl_run import check_nemo_rl_run_config, install, save_state_counter
-from nemo_entropy.plan import plan_from_batch
+from nemo_entropy.integrations.batch_keys import plan_from_batch
 from nemo_entropy.selection import select_tokens, token_uids_for
 from tests.distributed import run_distributed
 
@@ -231,11 +231,11 @@ def test_logit_input_with_context_parallelism_and_tp_1_uses_the_cp_aware_path():
 
 # ----------------------------------------------------------------------------------------------- defects 5-6
 @pytest.mark.parametrize("overrides,names", [
-    (["nemo_rl.selection=worker"], ["nemo_rl.selection='worker'", "policy.sequence_packing.enabled=true"]),
-    (["nemo_rl.selection=worker", "policy.sequence_packing.enabled=false", "++policy.dynamic_batching.enabled=true"],
-     ["nemo_rl.selection='worker'", "policy.dynamic_batching.enabled=true"]),
-    (["nemo_rl.selection=worker", "policy.sequence_packing.enabled=false"],
-     ["nemo_rl.selection='worker'", "policy.train_micro_batch_size x DP == policy.train_global_batch_size"]),
+    (["nemo_rl.plan=worker"], ["nemo_rl.plan='worker'", "policy.sequence_packing.enabled=true"]),
+    (["nemo_rl.plan=worker", "policy.sequence_packing.enabled=false", "++policy.dynamic_batching.enabled=true"],
+     ["nemo_rl.plan='worker'", "policy.dynamic_batching.enabled=true"]),
+    (["nemo_rl.plan=worker", "policy.sequence_packing.enabled=false"],
+     ["nemo_rl.plan='worker'", "policy.train_micro_batch_size x DP == policy.train_global_batch_size"]),
     (["nemo_rl.input_type=logit", "++policy.megatron_cfg.use_fused_linear_logprobs=true"],
      ["nemo_rl.input_type='logit'", "policy.megatron_cfg.use_fused_linear_logprobs=true"]),
     (["nemo_rl.input_type=logit", "++policy.generation.top_k=50"], ["nemo_rl.input_type='logit'", "top_k=50"]),
@@ -250,11 +250,18 @@ def test_combinations_the_plugin_cannot_serve_are_refused_naming_both_keys(overr
 def test_worker_selection_without_packing_and_one_micro_batch_per_step_is_accepted():
     policy = {"sequence_packing": {"enabled": False}, "train_global_batch_size": 8, "train_micro_batch_size": 4,
               "megatron_cfg": {"enabled": True}}
-    check_nemo_rl_run_config({"policy": policy}, {"selection": "worker"}, data_parallel_size=2)
+    check_nemo_rl_run_config({"policy": policy}, {"plan": "worker"}, data_parallel_size=2)
     # The DTensor backend gives the loss no DP group: each rank would select over its own share only.
-    with pytest.raises(ValueError, match=r"nemo_rl.selection='worker' needs the Megatron backend"):
-        check_nemo_rl_run_config({"policy": {**policy, "megatron_cfg": {"enabled": False}}}, {"selection": "worker"},
+    with pytest.raises(ValueError, match=r"nemo_rl.plan='worker' needs the Megatron backend"):
+        check_nemo_rl_run_config({"policy": {**policy, "megatron_cfg": {"enabled": False}}}, {"plan": "worker"},
                                  data_parallel_size=2)
+    # The key's old name still works, with a warning, and means the same.
+    with pytest.warns(FutureWarning, match="nemo_rl.selection is deprecated"), \
+            pytest.raises(ValueError, match=r"nemo_rl.plan='worker' needs the Megatron backend"):
+        check_nemo_rl_run_config({"policy": {**policy, "megatron_cfg": {"enabled": False}}},
+                                 {"selection": "worker"}, data_parallel_size=2)
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="disagree"):
+        check_nemo_rl_run_config({"policy": policy}, {"selection": "worker", "plan": "driver"})
 
 
 def test_the_logit_adapter_refuses_fused_linear_logprobs():
@@ -287,7 +294,7 @@ def test_wrapped_policy_is_a_batch_selection_policy_reading_train_global_batch_s
     state = {"current_step": 1, "total_steps": 3}
     grpo.grpo_train("policy", None, None, None, None, grpo.ClippedPGLossFn({"method": "kl_cov"}), {}, {}, None,
                     None, state, master)
-    assert isinstance(seen["policy"], BatchSelectionPolicy) and seen["policy"].optimizer_step == 6
+    assert isinstance(seen["policy"], StepPlanPolicy) and seen["policy"].optimizer_step == 6
 
 
 # ----------------------------------------------------------------------------------------------- preflight

@@ -22,8 +22,9 @@ from nemo_entropy.config import loss_config
 from nemo_entropy.controls import REGISTRY, ControlSet
 from nemo_entropy.losses import policy_loss
 from nemo_entropy.parallel import ParallelGroups
-from nemo_entropy.plan import StepInputs, build_step_plan, default_token_uids, plan_from_batch, plan_to_batch
-from nemo_entropy.selection import covariance_scores, exact_group_sums, selection_quota, token_uids_for
+from nemo_entropy.integrations.batch_keys import plan_from_batch, plan_to_batch
+from nemo_entropy.plan import StepInputs, build_step_plan, default_token_uids
+from nemo_entropy.exact import covariance_scores, exact_group_sums, selection_quota, token_uids_for
 
 from .distributed import run_distributed_many
 
@@ -106,13 +107,14 @@ def _default_uids_scenario(rank, world_size):
 
 
 def _bad_shape_rank(rank, world_size):
-    """policy_loss's convenience path: a `selected` of the wrong shape on rank 0 only; both raise, none hangs."""
+    """policy_loss planning over its call (plan=None): token uids of the wrong shape on rank 0 only; both raise,
+    none hangs."""
     cur, old, adv, mask, uids = _batch(seed=5, batch=8)
     mine = slice(rank * 4, rank * 4 + 4)
-    selected = torch.zeros(4, 24, dtype=torch.bool) if rank else torch.zeros(4, 23, dtype=torch.bool)
+    uids = uids[mine] if rank else uids[mine][:, :-1]
     try:
-        policy_loss(loss_config(KL_COV), cur[mine], old[mine], adv[mine], mask[mine], selected=selected,
-                    token_uids=uids[mine], groups=dist.group.WORLD)
+        policy_loss(loss_config(KL_COV), cur[mine], old[mine], adv[mine], mask[mine], token_uids=uids,
+                    groups=dist.group.WORLD)
     except ValueError as err:
         return str(err)
     return None
@@ -151,7 +153,7 @@ def test_distributed_plan_properties():
     (count0, uids0), (count1, uids1) = results[5]
     assert round(count0 + count1) == selection_quota(2e-4, 4000) == 1
     assert not set(uids0.reshape(-1).tolist()) & set(uids1.reshape(-1).tolist())
-    assert "selected must be a bool tensor of shape (4, 24)" in results[6][0]
+    assert "token_uids has shape (4, 23) but mask has shape (4, 24)" in results[6][0]
     assert "rank(s) [0] rejected their inputs" in results[6][1]
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nemo_entropy.config import loss_config
-from nemo_entropy.selection import covariance_scores, hash_keys, select_tokens, token_uids_for
+from nemo_entropy.exact import hash_keys
+from nemo_entropy.selection import covariance_scores, select_tokens, token_uids_for
 
 
 def _batch(seed=0, batch=12, length=40, masked_rows=(3,)):
@@ -189,7 +190,7 @@ def test_select_tokens_with_scores_equals_the_two_separate_calls(method, form):
 def test_top_k_threshold_is_the_lowest_chosen_priority(k):
     """``with_threshold`` adds the k-th priority of the (priority desc, uid asc) order, or the last one when fewer are
     eligible; None when nothing is."""
-    from nemo_entropy.selection import distributed_top_k
+    from nemo_entropy.exact import distributed_top_k
 
     gen = torch.Generator().manual_seed(k)
     priority = torch.round(torch.rand(4, 6, generator=gen) * 8) / 8  # ties on purpose

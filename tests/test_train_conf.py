@@ -89,7 +89,7 @@ def test_overrides_reach_the_resolved_config(capsys):
     (["cluster.gpus_per_node=0"], "cluster.gpus_per_node=0"),
     (["grpo.num_prompts_per_step=100"], "grpo.num_prompts_per_step x grpo.num_generations_per_prompt = 800"),
     (["backend=slurm"], "backend='slurm'"),
-    (["nemo_rl.selection=gpu"], "nemo_rl.selection='gpu'"),
+    (["nemo_rl.plan=gpu"], "nemo_rl.plan='gpu'"),
     (["loss_fn.force_on_policy_ratio=true"], "loss_fn.force_on_policy_ratio=true"),
 ])
 def test_wrong_keys_and_values_fail_naming_them(overrides, message, capsys):

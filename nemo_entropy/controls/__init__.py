@@ -7,6 +7,7 @@ changes: the config, the plan builder, the loss, the engine and the NeMo-RL adap
 
 from __future__ import annotations
 
+from ..parallel import group_world_size
 from .adaptive_entropy import AdaptiveEntropy
 from .aent import AEnt
 from .base import Control, ControlConfig, TokenBatch
@@ -57,8 +58,6 @@ class ControlSet:
         ``logits`` (see :meth:`Control.logit_values`); pass the result to ``policy_loss(..., logit_values=...)``."""
         width = logits_shard.shape[-1]
         if vocab_size is None:
-            from ..parallel import group_world_size
-
             vocab_size = width * group_world_size(tp_group)
         return {c.name: c.logit_values(logits_shard, tp_group=tp_group, vocab_start=vocab_start,
                                        vocab_size=vocab_size)

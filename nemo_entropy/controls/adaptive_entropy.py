@@ -27,7 +27,7 @@ gate), and ``entropy_target``, next to the engine's ``entropy_mean`` in ``metric
 
 NeMo-RL: needs ``nemo_rl.input_type: logit`` (the bonus's gradient) and the driver's old-entropy pass (one
 eval-mode forward over the step's samples, ``integrations/entropy_probe.py``); state on the driver (needs
-``nemo_rl.selection: driver``), saved in every NeMo-RL checkpoint.
+``nemo_rl.plan: driver``), saved in every NeMo-RL checkpoint.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ tracking-error tables) with ``entropy_target_low`` / ``entropy_target_high``.
 
 NeMo-RL: needs ``nemo_rl.input_type: logit`` (the clamped entropy is computed from the logits) and, with the
 adaptive coefficient, the driver's old-entropy pass (one eval-mode forward per step, ``integrations/entropy_probe.py``)
-and ``nemo_rl.selection: driver``. Cost over the LOGIT input: the clamped entropy's ~36 reads of the logits shard
+and ``nemo_rl.plan: driver``. Cost over the LOGIT input: the clamped entropy's ~36 reads of the logits shard
 per micro-batch forward and 35 small TP all-reduces of ``[tokens]`` (its module doc), PyTorch only.
 """
 

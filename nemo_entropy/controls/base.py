@@ -35,13 +35,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import torch
 
-if TYPE_CHECKING:  # imported for annotations only: the plan imports the controls
-    from ..config import LossConfig
-    from ..plan import StepContext, StepPlan
+from ..normalization import global_token_sum, reduce_per_token
 
 __all__ = ["ControlConfig", "Control", "TokenBatch", "bad_value"]
 
@@ -70,7 +68,9 @@ class TokenBatch:
     type provides it) ``entropy`` carry the gradient; everything else is detached.
     """
 
-    config: "LossConfig"
+    config: Any
+    """The loss's :class:`~nemo_entropy.config.LossConfig` (the config and the plan stand above the controls, so
+    the controls name their types in words only)."""
     logprobs: torch.Tensor
     old_logprobs: torch.Tensor
     advantages: torch.Tensor
@@ -98,8 +98,6 @@ class TokenBatch:
     def token_sum(self, values: torch.Tensor) -> torch.Tensor:
         """``sum(values * mask) / global_valid_tokens``: a summable per-token mean (metrics, extra terms, and
         per-step constants as token shares, see the module doc)."""
-        from ..losses.normalization import global_token_sum
-
         return global_token_sum(values, self.mask, self.global_valid_tokens)
 
     def step_constant(self, value: float) -> float:
@@ -112,8 +110,6 @@ class TokenBatch:
         """``values`` normalised exactly like the loss (token mean over the step, or the sum of per-sequence means
         over the step's sequences with ``token_level_loss: false``): the share of an additive per-token term in
         this micro-batch's loss, summable over micro-batches and ranks."""
-        from ..losses.normalization import reduce_per_token
-
         return reduce_per_token(values, self.mask, token_level=self.config.token_level_loss,
                                 global_valid_tokens=self.global_valid_tokens,
                                 global_valid_seqs=self.global_valid_seqs)
@@ -140,7 +136,9 @@ class Control:
     re-plans it per call the way the reference does."""
     stateful: ClassVar[bool] = False
 
-    def __init__(self, config: "LossConfig"):
+    def __init__(self, config: Any):
+        """``config``: the loss's :class:`~nemo_entropy.config.LossConfig`; this control's section is
+        ``config.section(self.name)``."""
         self.loss_config = config
         self.config = config.section(self.name)
 
@@ -151,12 +149,14 @@ class Control:
             self.selects_tokens and self.loss_config.scope == "batch")
 
     # ------------------------------------------------------------------ per optimizer step
-    def plan(self, ctx: "StepContext") -> dict[str, Any]:
-        """Per-step values: per-token tensors shaped like ``ctx.mask`` and Python scalars."""
+    def plan(self, ctx) -> dict[str, Any]:
+        """Per-step values from ``ctx``, the step's :class:`~nemo_entropy.plan.StepContext`: per-token tensors
+        shaped like ``ctx.mask`` and Python scalars."""
         return {}
 
-    def update(self, plan: "StepPlan") -> None:
-        """After the step, from its (globally agreed) plan: same input on every rank, same new state."""
+    def update(self, plan) -> None:
+        """After the step, from its (globally agreed) :class:`~nemo_entropy.plan.StepPlan`: same input on every
+        rank, same new state."""
 
     # ------------------------------------------------------------------ per micro-batch (no collective)
     def logit_values(self, logits_shard: torch.Tensor, *, tp_group, vocab_start: int,

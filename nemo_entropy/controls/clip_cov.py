@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..selection import hash_keys
+from ..exact import hash_keys
 from .base import ControlConfig
 from .covariance import CovarianceSelection, check_ratio
 

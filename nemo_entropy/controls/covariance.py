@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..selection import selection_quota
+from ..exact import selection_quota
 from .base import Control, bad_value
 
 

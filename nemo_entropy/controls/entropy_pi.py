@@ -44,7 +44,7 @@ the engine's ``entropy_mean``), ``entropy_pi_control`` (``u_t``), ``entropy_pi_i
 
 NeMo-RL: works with either input type (it needs the log-probs and the old entropy, not the current one): the
 driver computes the old entropy by one eval-mode forward over the step's samples (``integrations/entropy_probe.py``;
-about a third of a training step's compute); state on the driver (``nemo_rl.selection: driver``), saved in every
+about a third of a training step's compute); state on the driver (``nemo_rl.plan: driver``), saved in every
 NeMo-RL checkpoint. Per micro-batch it costs a few elementwise operations.
 """
 

@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..surrogate import clipped_surrogate
 from .base import Control, ControlConfig, bad_value
 
 
@@ -70,8 +71,6 @@ class GPPO(Control):
         return low, high
 
     def surrogate(self, tokens, values):
-        from ..losses.surrogate import clipped_surrogate  # the losses package imports the controls
-
         cfg = self.loss_config
         ppo, clip_active = clipped_surrogate(cfg, tokens.advantages, tokens.ratio, tokens.clamped_ratio, tokens.logprobs)
         low, high = self.regions(tokens)

@@ -24,7 +24,7 @@ old entropy is not in NeMo-RL's batch: the driver computes it with one extra eva
 loop per ``policy.train`` call (:mod:`nemo_entropy.integrations.entropy_probe`): a forward pass over the step's
 samples with logits and no backward (about a third of a training step's compute, like ``get_logprobs``), plus one
 fp32 and one int64 per valid token through Ray. It needs whole sequences per rank (context parallelism 1) and
-``nemo_rl.selection: driver``. The local engine already has the rollout's entropy: no extra cost there.
+``nemo_rl.plan: driver``. The local engine already has the rollout's entropy: no extra cost there.
 
 Metrics: ``top_entropy_threshold`` (the lowest kept entropy, nats) and ``top_entropy_kept_fraction`` (``k / N``),
 both per-step values reported as token shares.

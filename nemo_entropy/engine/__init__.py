@@ -3,23 +3,11 @@ code as the NeMo-RL path (tiny transformers Qwen2 policy, generated arithmetic t
 over gloo, checkpoints, resume, pre-emption, metrics and plots).
 
 Public entry points: :func:`run_local` (what ``nemo-entropy train`` calls for ``backend: local``),
-:func:`validate_engine_config`, :data:`REQUEUE_EXIT_CODE`. Heavy imports (transformers) happen lazily.
+:func:`validate_engine_config`, :data:`REQUEUE_EXIT_CODE`. Heavy imports (transformers, matplotlib) happen where they are used.
 """
 
+from .launch import run_local
 from .preemption import REQUEUE_EXIT_CODE
+from .settings import validate_engine_config
 
 __all__ = ["run_local", "validate_engine_config", "REQUEUE_EXIT_CODE"]
-
-
-def run_local(cfg, **kwargs):
-    """See :func:`nemo_entropy.engine.launch.run_local`."""
-    from .launch import run_local as _run_local
-
-    return _run_local(cfg, **kwargs)
-
-
-def validate_engine_config(cfg):
-    """See :func:`nemo_entropy.engine.settings.validate_engine_config`."""
-    from .settings import validate_engine_config as _validate
-
-    return _validate(cfg)

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 from typing import Any, Optional
 
 import torch
+import torch.multiprocessing as mp
 
+from nemo_entropy.config import to_plain
+
+from .preemption import REQUEUE_EXIT_CODE
 from .processes import (
     broadcast_object,
     destroy_process_group,
@@ -26,10 +31,6 @@ from .processes import (
     world_group,
     world_rank_and_size,
 )
-
-from nemo_entropy.config import to_plain
-
-from .preemption import REQUEUE_EXIT_CODE
 from .run_folder import EngineExit, RunFolderLock, check_resume_config, join_as_worker, remember_config
 from .settings import EngineSettings
 from .trainer import GRPOTrainer, Preempted, build_layout
@@ -147,16 +148,12 @@ def _spawned_worker(rank: int, world: int, port: int, cfg_dict: dict, queue, par
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 def _spawn(cfg_dict: dict, nproc: int) -> dict:
-    import torch.multiprocessing as mp
-
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()

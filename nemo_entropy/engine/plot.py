@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+from .intervals import mean_interval
 from .metrics import read_metrics
 
 
@@ -82,8 +83,6 @@ def _save(plt, fig, axes, title: str, out_png: str) -> str:
 
 def seed_bands(series: Mapping[int, tuple[list, list]], confidence: float = 0.95):
     """Steps present in every seed's series, with the mean and t-interval over seeds at each step."""
-    from .compare import mean_interval
-
     common = None
     for xs, _ in series.values():
         common = set(xs) if common is None else common & set(xs)

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from nemo_entropy.config import to_plain
+from nemo_entropy.config import LossConfig, loss_config, to_plain
 
 from .task import build_task, task_settings
 
@@ -125,8 +125,6 @@ class EngineSettings:
     @classmethod
     def from_config(cls, cfg: Any, *, world_size: Optional[int] = None) -> "EngineSettings":
         """Resolve and validate; ``world_size`` (inside a launch) overrides ``engine.nproc``."""
-        from nemo_entropy.config import loss_config
-
         raw = to_plain(cfg)
         if not isinstance(raw, Mapping):
             raise TypeError(f"the run config must be a mapping, got {type(cfg).__name__}")
@@ -198,8 +196,6 @@ class EngineSettings:
             raise _bad("policy.max_grad_norm", max_grad_norm, "expected a number > 0 or null")
 
         loss_section = dict(_select(raw, "loss_fn", {}) or {})
-        from nemo_entropy.config import LossConfig
-
         known = set(LossConfig().to_dict())  # the core keys and every control's section (kl_cov_ratio, ...)
         dropped = tuple(sorted(k for k in loss_section if k not in known))
         loss_cfg = loss_config({k: v for k, v in loss_section.items() if k in known})

@@ -3,10 +3,10 @@
 One RL step: sample ``num_prompts_per_step`` problems (seeded by the step), ``num_generations_per_prompt``
 responses each, verifier rewards (0 or 1), group-normalised advantages, the rollout policy's log-probs and
 full-vocabulary entropy; then ``samples / train_global_batch_size`` optimizer steps. Each optimizer step
-selects its Clip-Cov / KL-Cov tokens once over the whole mini-batch on every DP rank
-(:func:`nemo_entropy.selection.select_tokens`), then runs :func:`nemo_entropy.losses.policy_loss` per
-micro-batch with the mini-batch's global token count, sums the gradients over DP and clips them by the
-global norm.
+builds its plan once over the whole mini-batch on every DP rank (:func:`nemo_entropy.plan.build_step_plan`:
+the global counts, the covariance selection, every control's per-step values), then runs
+:func:`nemo_entropy.losses.policy_loss` per micro-batch on the plan's rows, sums the gradients over DP and clips
+them by the global norm; stateful controls update from the plan after the step.
 
 Layout invariance (1 process == DP x TP up to fp32 rounding): every sample is identified by its global
 index (prompt * generations + generation); its prompt, its sampling noise and its token uids derive from
@@ -30,7 +30,7 @@ from nemo_entropy.controls import ControlSet
 from nemo_entropy.losses import accumulate_metrics, metric_reduction, policy_loss
 from nemo_entropy.parallel import ParallelGroups, ProcessGroup, new_subgroups, tp_all_reduce
 from nemo_entropy.plan import StepInputs, build_step_plan
-from nemo_entropy.selection import token_uids_for
+from nemo_entropy.exact import token_uids_for
 
 from .checkpoint import NoIntactCheckpoint, latest_intact_checkpoint, load_checkpoint, save_checkpoint
 from .metrics import MetricsLog, entropy_summary, read_metrics, update_run_info, write_run_info
@@ -39,7 +39,9 @@ from .preemption import INTERRUPTED, Interrupted, PreemptionWatcher
 from .processes import (all_gather_objects, barrier, broadcast_object, group_all_reduce, world_group,
                         world_rank_and_size)
 from .progress import Progress
-from .rollout import Rollout, collect_rollout, greedy_accuracy
+from .passk import correct_counts, pass_at_k_metrics
+from .plot import plot_run
+from .rollout import Rollout, collect_rollout, greedy_accuracy, score
 from .settings import EngineSettings
 from .task import build_task, stream_seed
 from .warm_start import load_or_run_warm_start, warm_start_key
@@ -272,8 +274,6 @@ class GRPOTrainer:
         return totals
 
     def _score(self, prompts, responses, logit_values=None):
-        from .rollout import score
-
         return score(self.policy, prompts, responses, temperature=self.s.temperature, logit_values=logit_values)
 
     def _reduce_over_dp(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -317,8 +317,6 @@ class GRPOTrainer:
     def evaluate_pass_at_k(self) -> dict[str, float]:
         """pass@1, 2, 4, ... over the first ``engine.pass_at_k.num_problems`` validation problems, each with
         ``num_samples`` samples; problems are split over DP ranks and the counts summed."""
-        from .passk import correct_counts, pass_at_k_metrics
-
         n = self.s.pass_at_k_samples
         problems = self.task.sample_operands(self.s.pass_at_k_problems, stream_seed(self.s.seed, "validation"))
         ids = torch.tensor_split(torch.arange(problems.shape[0]), self.layout.dp_size)[self.layout.dp_rank]
@@ -440,8 +438,6 @@ class GRPOTrainer:
                 update_run_info(self.s.log_dir, {"pass_at_k": pass_at_k})
         plot_path = None
         if self.is_logger and self.s.plot:
-            from .plot import plot_run
-
             plot_path = plot_run(log.path, os.path.join(self.s.log_dir, "entropy_accuracy.png"),
                                  title=f"local GRPO, loss_fn.method={self.loss_cfg.method}")
         return {

@@ -24,6 +24,7 @@ import torch
 
 from . import build, dispatch
 from .oracle import GRAD_TOL, VALUE_ATOL, VALUE_RTOL, assert_close, oracle
+from .vocab_parallel import vocab_parallel_entropy_and_logprobs
 
 # (rows, padded width, vocab_size, masked): an odd prime width with a padded tail, and a row layout that
 # puts whole leading blocks at -inf (the running max starts at -inf).
@@ -45,8 +46,6 @@ def _case(rows: int, width: int, vocab_size: int, masked: bool, dtype: torch.dty
 
 def check_against_float64(backend: str, device: torch.device) -> list[str]:
     """Run ``backend`` on every case and dtype; returns one line per comparison. Raises AssertionError."""
-    from .vocab_parallel import vocab_parallel_entropy_and_logprobs
-
     lines = []
     for index, (rows, width, vocab_size, masked) in enumerate(CASES):
         for dtype in DTYPES:

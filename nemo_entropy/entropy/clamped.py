@@ -40,7 +40,8 @@ from typing import Optional
 import torch
 
 from ..parallel import GroupsLike, ProcessGroup, as_tp_group, tp_all_reduce
-from .vocab_parallel import VocabParallelEntropyMath, _shard_geometry, exp_nonpositive, floor_shift
+from .shard import VocabParallelEntropyMath, exp_nonpositive, floor_shift
+from .vocab_parallel import _shard_geometry
 
 __all__ = ["vocab_parallel_clamped_entropy", "VocabParallelClampedEntropy", "ClampedEntropyMath", "float_keys",
            "kept_count"]

@@ -11,7 +11,7 @@ from types import ModuleType
 
 import torch
 
-from .vocab_parallel import ShardStats
+from .shard import ShardStats
 
 
 class ExtensionBackend:

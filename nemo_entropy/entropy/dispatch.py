@@ -25,6 +25,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import build
+from .compiled import ExtensionBackend
 from .reference import ReferenceBackend
 
 logger = logging.getLogger("nemo_entropy.entropy")
@@ -60,8 +61,6 @@ def _make(name: str, device: torch.device, *, explicit: bool):
         module = loader(build_if_missing=explicit or build.build_requested_by_env())
         if module is None:
             return None
-        from .compiled import ExtensionBackend
-
         return ExtensionBackend(name, module)
     if name == "triton":
         interpret = os.environ.get("TRITON_INTERPRET", "") == "1"

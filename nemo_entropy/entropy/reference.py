@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .vocab_parallel import ShardStats, exp_nonpositive, floor_shift
+from .shard import ShardStats, exp_nonpositive, floor_shift
 
 # 2^22 fp32 values = 16 MiB per temporary: large enough to amortise per-op overhead, small enough to
 # stay far below the shard size that the memory budget is about.

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .vocab_parallel import EXP_UNDERFLOW, SHIFT_FLOOR, ShardStats
+from .shard import EXP_UNDERFLOW, SHIFT_FLOOR, ShardStats
 
 # Block of columns per step. 4096 fp32 registers per program spread over num_warps warps; a row of
 # 152064 / 8 = 19008 columns takes 5 steps, the last one masked.

@@ -1,13 +1,13 @@
-"""Megatron-side helpers: the parallel layout of a run, and the batch selection inside Megatron workers.
+"""Megatron-side helpers: the parallel layout of a run, and the step plan built inside Megatron workers.
 
 Layout: a Megatron job of ``world = num_nodes x gpus_per_node`` GPUs is split ``world = TP x PP x CP x DP``.
 :func:`parallel_layout` derives DP and checks every divisibility the run relies on, with errors that name
 the config key.
 
-In-worker selection: instead of selecting on the driver, each worker can select over the token group, the
-DP ranks of the last pipeline stage (CP ranks hold full sequences after NeMo-RL's log-prob gather; TP ranks
-are replicas and compute the same mask). :func:`select_in_worker` runs it on one rank's share of one
-optimizer step; it is bit-identical to the driver's selection over the whole step (tests prove it).
+In-worker planning (``nemo_rl.plan: worker``): instead of planning on the driver, each worker can plan over the
+token group, the DP ranks of the last pipeline stage (CP ranks hold full sequences after NeMo-RL's log-prob gather;
+TP ranks are replicas and compute the same plan). :func:`plan_in_worker` builds it on one rank's share of one
+optimizer step; its selection is bit-identical to the driver's over the whole step (tests prove it).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import torch
 
 from ..config import LossConfig
 from ..parallel import ParallelGroups
-from ..selection import select_tokens
+from ..plan import StepInputs, StepPlan, build_step_plan
 from . import batch_keys
 
-__all__ = ["ParallelLayout", "parallel_layout", "select_in_worker"]
+__all__ = ["ParallelLayout", "parallel_layout", "plan_in_worker"]
 
 
 @dataclass(frozen=True)
@@ -116,20 +116,20 @@ def parallel_layout(cfg: Mapping[str, Any]) -> ParallelLayout:
     return ParallelLayout(world=world, tp=tp, pp=pp, cp=cp, dp=dp, backend=kind)
 
 
-def select_in_worker(
+def plan_in_worker(
     config: LossConfig,
     local_batch: Mapping[str, torch.Tensor],
     *,
     groups: Optional[ParallelGroups] = None,
     step: Optional[int] = None,
-) -> Optional[torch.Tensor]:
-    """The batch-scope selection of this rank's share of one optimizer step, over the token group.
+) -> Optional[StepPlan]:
+    """The plan of this rank's share of one optimizer step, over the token group.
 
     ``local_batch``: the samples of one optimizer step held by this DP rank, NeMo-RL layout ([B, S] tensors
     ``token_mask``, ``prev_logprobs``, ``advantages``, [B] ``sample_mask``, and the driver's
     ``entropy_token_uids`` / ``entropy_step``). ``groups``: default from megatron-core's ``parallel_state``
-    (token group = DP; CP ranks hold full sequences). Returns the selected mask [B, S - 1] (shifted like the
-    log-probs), or None on ranks that are not on the last pipeline stage (they compute no loss and must not
+    (token group = DP; CP ranks hold full sequences). Returns the plan (its tensors [B, S - 1], shifted like the
+    log-probs; ``plan.selected`` is the selection), or None on ranks that are not on the last pipeline stage (they compute no loss and must not
     enter the token-group collectives).
     """
     if groups is None:
@@ -139,7 +139,7 @@ def select_in_worker(
     if batch_keys.TOKEN_UIDS not in local_batch:
         raise KeyError(
             f"{batch_keys.TOKEN_UIDS!r} is missing from the batch: attach it on the driver "
-            "(BatchSelectionPolicy with mode='worker') so that every token has a layout-independent id"
+            "(StepPlanPolicy with plan='worker') so that every token has a layout-independent id"
         )
     mask = batch_keys.valid_token_mask(local_batch)
     old = torch.where(mask, local_batch["prev_logprobs"][:, 1:].float(), torch.zeros(()))
@@ -147,4 +147,4 @@ def select_in_worker(
     if step is None:
         step = int(local_batch[batch_keys.STEP].reshape(-1)[0]) if batch_keys.STEP in local_batch else 0
     uids = local_batch[batch_keys.TOKEN_UIDS][:, 1:].to(torch.int64).contiguous()
-    return select_tokens(config, old, adv, mask, token_uids=uids, step=step, groups=groups)
+    return build_step_plan(config, StepInputs(old, adv, mask, uids), step=step, groups=groups)

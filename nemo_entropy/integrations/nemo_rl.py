@@ -20,10 +20,10 @@ per-sequence means over ``global_valid_seqs``), metrics are pre-divided so that 
 micro-batches and DP ranks gives the batch value, extrema are ``probs_ratio_min``-style names with
 ``inf`` sentinels, and ``metric_normalizations`` tells a split-API trainer which count each metric used.
 
-The step plan (``scope: batch``): the driver-side wrapper (:mod:`nemo_entropy.integrations.driver_selection`)
+The step plan (``scope: batch``): the driver-side wrapper (:mod:`nemo_entropy.integrations.step_plan`)
 builds each optimizer step's plan (:mod:`nemo_entropy.plan`: the covariance selection, the controls' coefficients)
-and attaches it to the batch; the loss reads it back (:func:`~nemo_entropy.plan.plan_from_batch`) and issues no
-collective at all. ``selection='worker'`` instead builds the plan over this call's tokens across the token group
+and attaches it to the batch; the loss reads it back (:func:`~nemo_entropy.integrations.batch_keys.plan_from_batch`)
+and issues no collective at all. ``plan='worker'`` instead builds the plan over this call's tokens across the token group
 (DP of the last pipeline stage, from megatron-core); the run entry allows it only where one call holds a rank's
 whole share of the step. In driver mode a batch without the plan is an error when the config needs one.
 
@@ -42,12 +42,13 @@ import torch
 
 from ..config import NEMO_RL_DEFAULTS, LossConfig, loss_config, to_plain
 from ..controls import ControlSet
+from ..covariance_diagnostics import diagnostic_metric_names
 from ..entropy import vocab_parallel_entropy_and_logprobs
 from ..losses import diagnostics, nemo_rl_terms, policy_loss
-from ..losses.normalization import zero_masked
-from ..parallel import ParallelGroups, group_world_size, world_size
-from ..plan import diagnostic_metric_names, plan_from_batch
+from ..normalization import zero_masked
+from ..parallel import ParallelGroups, group_world_size, is_dtensor, world_size
 from . import batch_keys
+from .nemo_rl_options import NemoRLOptions
 
 __all__ = ["EntropyControlLossFn", "nemo_rl_enums", "loss_config_from_nemo_rl"]
 
@@ -123,12 +124,6 @@ def _entropy_and_logprobs(
     return vocab_parallel_entropy_and_logprobs(logits_local, targets, groups=tp_group, vocab_start=vocab_start)
 
 
-def _is_dtensor(x: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(x, DTensor)
-
-
 def _megatron_groups() -> Optional[tuple[Any, int, Any]]:
     """``(tp_group, tp_rank, cp_group or None)`` from megatron-core, if it is initialised.
 
@@ -201,7 +196,7 @@ def logprobs_from_logits(logits, data, tp_rank, tp_group, cp_group, *, find_mega
     """
     extra = () if logit_values is None else (None,)
     input_ids = data["input_ids"]
-    if _is_dtensor(logits):
+    if is_dtensor(logits):
         mesh = logits.device_mesh
         names = mesh.mesh_dim_names or ()
         if "cp" in names and mesh["cp"].size() > 1 or data.get("seq_index") is not None:
@@ -241,7 +236,8 @@ def _delegate_to_nemo_rl(logits, data, tp_rank, tp_group, cp_group):
 
 # ----------------------------------------------------------------------------------------------- the loss
 class EntropyControlLossFn:
-    """NeMo-RL loss: PPO / Clip-Cov / KL-Cov with every ``ClippedPGLossFn`` key, for NeMo-RL v0.5 and later.
+    """NeMo-RL loss: every entropy control of ``nemo_entropy.controls.REGISTRY`` (``loss_fn.method`` /
+    ``controls``) on top of every ``ClippedPGLossFn`` key, for NeMo-RL v0.5 and later.
 
     Args:
         cfg: NeMo-RL's ``loss_fn`` section (dict, pydantic model, OmegaConf node) or a LossConfig: every
@@ -251,9 +247,9 @@ class EntropyControlLossFn:
             hands over logits; the full-vocabulary entropy is then logged). NeMo-RL <= v0.5 always passes
             logits, whatever this says.
         log_entropy: compute the full-vocabulary entropy metric when logits are available.
-        selection: ``"driver"`` (the step plan comes attached to the batch; default) or ``"worker"`` (the loss
-            plans over its own call across the token group; see the module doc).
-        groups: explicit :class:`ParallelGroups` for in-worker selection (tests, custom launchers); by
+        plan: ``"driver"`` (the step plan comes attached to the batch; default) or ``"worker"`` (the loss plans
+            over its own call across the token group; see the module doc).
+        groups: explicit :class:`ParallelGroups` for in-worker planning (tests, custom launchers); by
             default they come from megatron-core's ``parallel_state`` when it is initialised.
     """
 
@@ -262,27 +258,24 @@ class EntropyControlLossFn:
         cfg: Any,
         use_fused_linear_logprobs: bool = False,
         *,
-        input_type: str = "logprob",
-        log_entropy: bool = True,
-        selection: str = "driver",
+        input_type: str = NemoRLOptions.input_type,
+        log_entropy: bool = NemoRLOptions.log_entropy,
+        plan: str = NemoRLOptions.plan,
         groups: Optional[ParallelGroups] = None,
     ):
-        if input_type not in ("logprob", "logit"):
-            raise ValueError(f"nemo_rl.input_type={input_type!r} is invalid: allowed 'logprob' or 'logit'")
+        NemoRLOptions(input_type=input_type, log_entropy=log_entropy, plan=plan)  # the one check of the options
         if input_type == "logit" and use_fused_linear_logprobs:
             raise ValueError(
                 "nemo_rl.input_type='logit' is incompatible with policy.megatron_cfg.use_fused_linear_logprobs=true: "
                 "the fused model returns 2-D log-probs, not logits; use nemo_rl.input_type='logprob'"
             )
-        if selection not in ("driver", "worker"):
-            raise ValueError(f"nemo_rl.selection={selection!r} is invalid: allowed 'driver' or 'worker'")
         self.config = loss_config_from_nemo_rl(cfg)
         self.controls = ControlSet(self.config)  # stateless here: the plan carries the values of stateful ones
         needs_logits = [c.name for c in self.controls if c.needs & {"entropy", "logits"}]
         if needs_logits and input_type != "logit":
             raise ValueError(f"loss_fn controls {needs_logits} need the current logits (the full-vocabulary entropy "
                              "with its gradient, or values computed from the logits): set nemo_rl.input_type=logit")
-        self.selection = selection
+        self.plan_on = plan
         loss_type, input_enum, normalizer = nemo_rl_enums()
         self.loss_type = loss_type.TOKEN_LEVEL if self.config.token_level_loss else loss_type.SEQUENCE_LEVEL
         self.input_type = input_enum.LOGIT if input_type == "logit" else input_enum.LOGPROB
@@ -352,10 +345,10 @@ class EntropyControlLossFn:
         uids = data[batch_keys.TOKEN_UIDS][:, 1:].to(torch.int64) if batch_keys.TOKEN_UIDS in data else None
         gvt = global_valid_toks if global_valid_toks is not None else mask.sum()
         gvs = global_valid_seqs if global_valid_seqs is not None else sample_mask.sum()
-        plan = plan_from_batch(data, global_valid_tokens=float(gvt), global_valid_seqs=float(gvs), device=curr.device)
+        plan = batch_keys.plan_from_batch(data, global_valid_tokens=float(gvt), global_valid_seqs=float(gvs), device=curr.device)
         groups, step = None, 0
         if plan is None and self.controls.needs_step_plan:
-            if self.selection == "driver":
+            if self.plan_on == "driver":
                 raise RuntimeError(
                     f"loss_fn {list(cfg.active_controls)} needs the step plan attached on the driver (keys "
                     f"{batch_keys.PLAN_PREFIX}.*), and this batch has none: NeMo-RL's training entry was not wrapped "
@@ -385,9 +378,9 @@ class EntropyControlLossFn:
         except ImportError:  # megatron-core is optional
             pass
         if world_size() > 1:
-            raise RuntimeError("nemo_rl.selection='worker' needs megatron-core's parallel_state for the DP group (the "
-                               "Megatron backend); this worker has none, so its selection would cover its own share "
-                               "of the step only: use nemo_rl.selection='driver'")
+            raise RuntimeError("nemo_rl.plan='worker' needs megatron-core's parallel_state for the DP group (the "
+                               "Megatron backend); this worker has none, so its plan would cover its own share "
+                               "of the step only: use nemo_rl.plan='driver'")
         return ParallelGroups.single()
 
     # ------------------------------------------------------------------ metrics

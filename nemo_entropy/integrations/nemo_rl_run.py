@@ -9,13 +9,13 @@ module globals, and ``examples/run_grpo.py`` dispatches to a training entry (``g
 1. puts :class:`~nemo_entropy.integrations.nemo_rl.EntropyControlLossFn` where ``setup()`` looks for
    ``ClippedPGLossFn``;
 2. wraps every training entry that calls ``policy.train(train_data, loss_fn)`` on the driver so that the policy it
-   receives is a :class:`~nemo_entropy.integrations.driver_selection.BatchSelectionPolicy` whose optimizer-step
+   receives is a :class:`~nemo_entropy.integrations.step_plan.StepPlanPolicy` whose optimizer-step
    counter continues from the save state (``total_steps`` for ``grpo_train``; ``current_step`` for
    ``async_grpo_train``, which never advances ``total_steps``), and whose controls' state is saved into every
    NeMo-RL checkpoint and restored from the one NeMo-RL resumes from;
 3. checks, before any GPU work, the configurations the plugin cannot serve and refuses them by name
    (:func:`check_nemo_rl_run_config`): the data plane (``grpo_train_sync`` never shows the driver the batch),
-   in-worker selection with packing or dynamic batching, LOGIT input with fused linear log-probs or top-k/top-p,
+   in-worker planning with packing or dynamic batching, LOGIT input with fused linear log-probs or top-k/top-p,
    controls that read an entropy or logits without them (LOGPROB input, context parallelism > 1).
 
 NeMo-RL's interfaces come in two generations, both handled here: ``MasterConfig`` a ``TypedDict`` (<= v0.6, read
@@ -34,10 +34,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from ..config import LossConfig, to_plain
-from .driver_selection import BatchSelectionPolicy
+from ..controls import ControlSet
+from .step_plan import StepPlanPolicy
+from .nemo_rl import EntropyControlLossFn, loss_config_from_nemo_rl
+from .nemo_rl_options import NemoRLOptions
 
 __all__ = [
-    "NEMO_RL_OPTIONS",
+    "NemoRLOptions",
     "TRAINING_ENTRIES",
     "install",
     "nemo_rl_options",
@@ -50,15 +53,6 @@ __all__ = [
     "NemoRLRunConfig",
     "merge_onto_nemo_rl",
 ]
-
-NEMO_RL_OPTIONS: dict[str, Any] = {
-    "root": None,
-    "base_config": "examples/configs/grpo_math_1B.yaml",
-    "selection": "driver",
-    "input_type": "logprob",
-    "log_entropy": True,
-}
-"""Our ``nemo_rl:`` section of a run config, with its defaults (docs/config_reference.md)."""
 
 TRAINING_ENTRIES: dict[str, str] = {
     "grpo_train": "total_steps",
@@ -113,21 +107,8 @@ def steps_per_rollout(grpo_cfg: Mapping[str, Any], policy_cfg: Mapping[str, Any]
 
 
 def nemo_rl_options(options: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
-    """Our ``nemo_rl:`` section with defaults filled in, validated (errors name the key)."""
-    merged = {**NEMO_RL_OPTIONS, **(dict(options) if options else {})}
-    unknown = sorted(set(merged) - set(NEMO_RL_OPTIONS))
-    if unknown:
-        raise ValueError(f"nemo_rl.{unknown[0]} is not a known key; known: {sorted(NEMO_RL_OPTIONS)}")
-    if merged["selection"] not in ("driver", "worker"):
-        raise ValueError(f"nemo_rl.selection={merged['selection']!r} is invalid: allowed 'driver' or 'worker'")
-    if merged["input_type"] not in ("logprob", "logit"):
-        raise ValueError(f"nemo_rl.input_type={merged['input_type']!r} is invalid: allowed 'logprob' or 'logit'")
-    if not isinstance(merged["log_entropy"], bool):
-        raise ValueError(f"nemo_rl.log_entropy={merged['log_entropy']!r} is invalid: allowed true or false")
-    base = merged["base_config"]
-    if not isinstance(base, str) or not base.endswith((".yaml", ".yml")):
-        raise ValueError(f"nemo_rl.base_config={base!r} is invalid: allowed a YAML path relative to the NeMo-RL checkout")
-    return merged
+    """Our ``nemo_rl:`` section with defaults filled in, validated (:class:`NemoRLOptions`), as a plain dict."""
+    return NemoRLOptions.from_section(options).as_dict()
 
 
 # ----------------------------------------------------------------------------------------------- refusals
@@ -148,7 +129,7 @@ def check_nemo_rl_run_config(config: Mapping[str, Any], options: Optional[Mappin
     Run by the entry on our config and on the merged one, and by the wrapped training entries on the
     ``master_config`` they receive, so a user's own script is checked too.
     """
-    options = nemo_rl_options(options)
+    options = NemoRLOptions.from_section(options)
     _check_controls_inputs(config, options)
     if _get(config, "data_plane.enabled", False):
         raise ValueError(
@@ -156,39 +137,36 @@ def check_nemo_rl_run_config(config: Mapping[str, Any], options: Optional[Mappin
             "calls policy.train_from_meta and the driver never holds the step's batch, so the exact per-step "
             "selection cannot be built; set data_plane.enabled=false"
         )
-    if options["selection"] == "worker":
+    if options.plan == "worker":
         if isinstance(config.get("loss_fn"), Mapping):
-            from ..controls import ControlSet
-            from .nemo_rl import loss_config_from_nemo_rl
-
             controls = ControlSet(loss_config_from_nemo_rl(config["loss_fn"]))
             driver_only = [c.name for c in controls if c.stateful or "old_entropy" in c.needs]
             if driver_only:
                 raise ValueError(
-                    f"nemo_rl.selection='worker' is incompatible with loss_fn controls {driver_only}: their per-step "
+                    f"nemo_rl.plan='worker' is incompatible with loss_fn controls {driver_only}: their per-step "
                     "values come from state kept on the driver or from the whole step's old entropy; use "
-                    "nemo_rl.selection='driver'")
+                    "nemo_rl.plan='driver'")
         for key in ("policy.sequence_packing.enabled", "policy.dynamic_batching.enabled"):
             if _get(config, key, False):
                 raise ValueError(
-                    f"nemo_rl.selection='worker' is incompatible with {key}=true: NeMo-RL then calls the loss once "
+                    f"nemo_rl.plan='worker' is incompatible with {key}=true: NeMo-RL then calls the loss once "
                     "per packed sequence or dynamic micro-batch, and the bins differ between DP ranks, so the "
-                    "selection's collectives would not pair up (a hang). Use nemo_rl.selection='driver' (exact, no "
+                    "selection's collectives would not pair up (a hang). Use nemo_rl.plan='driver' (exact, no "
                     f"collective in the loss) or set {key}=false"
                 )
         if not _get(config, "policy.megatron_cfg.enabled", False):
             raise ValueError(
-                "nemo_rl.selection='worker' needs the Megatron backend (policy.megatron_cfg.enabled=true): the loss "
+                "nemo_rl.plan='worker' needs the Megatron backend (policy.megatron_cfg.enabled=true): the loss "
                 "finds its DP group in megatron-core's parallel_state, and NeMo-RL's DTensor path gives it none, so "
-                "each rank would select over its own share only; use nemo_rl.selection='driver'")
+                "each rank would select over its own share only; use nemo_rl.plan='driver'")
         gbs, mbs = _get(config, "policy.train_global_batch_size"), _get(config, "policy.train_micro_batch_size")
         if data_parallel_size is not None and gbs is not None and mbs is not None and mbs * data_parallel_size != gbs:
             raise ValueError(
-                f"nemo_rl.selection='worker' selects over each loss call across DP, which is the whole optimizer step "
+                f"nemo_rl.plan='worker' selects over each loss call across DP, which is the whole optimizer step "
                 f"only when policy.train_micro_batch_size x DP == policy.train_global_batch_size ({mbs} x "
-                f"{data_parallel_size} != {gbs}); use nemo_rl.selection='driver' (exact for any micro-batch size)"
+                f"{data_parallel_size} != {gbs}); use nemo_rl.plan='driver' (exact for any micro-batch size)"
             )
-    if options["input_type"] == "logit":
+    if options.input_type == "logit":
         if _get(config, "policy.megatron_cfg.enabled", False) and _get(config, "policy.megatron_cfg.use_fused_linear_logprobs", False):
             raise ValueError(
                 "nemo_rl.input_type='logit' is incompatible with policy.megatron_cfg.use_fused_linear_logprobs=true: "
@@ -203,22 +181,19 @@ def check_nemo_rl_run_config(config: Mapping[str, Any], options: Optional[Mappin
             )
 
 
-def _check_controls_inputs(config: Mapping[str, Any], options: Mapping[str, Any]) -> None:
+def _check_controls_inputs(config: Mapping[str, Any], options: NemoRLOptions) -> None:
     """Controls that read the current logits (an entropy with its gradient, AEnt's clamped entropy) need NeMo-RL's
     LOGIT input; controls that read any entropy need whole sequences on each rank. Refused naming the keys."""
     if not isinstance(config.get("loss_fn"), Mapping):
         return
-    from ..controls import ControlSet
-    from .nemo_rl import loss_config_from_nemo_rl
-
     loss = loss_config_from_nemo_rl(config["loss_fn"])
     controls = list(ControlSet(loss))
     current = [c.name for c in controls if c.needs & {"entropy", "logits"}]
-    if current and options["input_type"] != "logit":
+    if current and options.input_type != "logit":
         raise ValueError(
             f"loss_fn.method={loss.method!r} / loss_fn.controls={list(loss.controls)}: controls {current} need the "
             "current full-vocabulary entropy (with its gradient) or values computed from the logits, but "
-            f"nemo_rl.input_type={options['input_type']!r} hands the loss log-probs only: set nemo_rl.input_type=logit")
+            f"nemo_rl.input_type={options.input_type!r} hands the loss log-probs only: set nemo_rl.input_type=logit")
     any_entropy = [c.name for c in controls if c.needs & {"entropy", "old_entropy", "logits"}]
     for backend in ("megatron_cfg", "dtensor_cfg"):
         cp = _get(config, f"policy.{backend}.context_parallel_size", 1)
@@ -316,8 +291,8 @@ def merge_onto_nemo_rl(plain: Mapping[str, Any], nemo_rl_module: Any, grpo_modul
 
 # ----------------------------------------------------------------------------------------------- wrapping
 def wrap_policy_for_step(policy: Any, loss_fn: Any, master_config: Any, grpo_save_state: Any, *,
-                         counter_field: str = "total_steps", selection: str = "driver") -> Any:
-    """The policy a NeMo-RL training entry should train: ``policy`` wrapped in a :class:`BatchSelectionPolicy`
+                         counter_field: str = "total_steps", plan: str = NemoRLOptions.plan) -> Any:
+    """The policy a NeMo-RL training entry should train: ``policy`` wrapped in a :class:`StepPlanPolicy`
     whose optimizer-step counter continues from ``grpo_save_state.<counter_field>``.
 
     ``loss_fn`` must be our :class:`EntropyControlLossFn` (its validated config drives the selection); any other
@@ -325,14 +300,14 @@ def wrap_policy_for_step(policy: Any, loss_fn: Any, master_config: Any, grpo_sav
     without :func:`install`.
     """
     config = getattr(loss_fn, "config", None)
-    if not isinstance(config, LossConfig) or isinstance(policy, BatchSelectionPolicy):
+    if not isinstance(config, LossConfig) or isinstance(policy, StepPlanPolicy):
         return policy
     grpo_cfg = config_section(master_config, "grpo", {})
     policy_cfg = config_section(master_config, "policy", {})
     per_rollout = steps_per_rollout(grpo_cfg, policy_cfg)
     first = save_state_counter(grpo_save_state, counter_field) * per_rollout
-    return BatchSelectionPolicy(policy, config, train_global_batch_size=int(policy_cfg["train_global_batch_size"]),
-                                mode=selection, first_step=first)
+    return StepPlanPolicy(policy, config, train_global_batch_size=int(policy_cfg["train_global_batch_size"]),
+                          plan=plan, first_step=first)
 
 
 class _CheckpointerSavingControls:
@@ -340,7 +315,7 @@ class _CheckpointerSavingControls:
     starts (``init_tmp_checkpoint`` returns the directory NeMo-RL then fills and renames); everything else is the
     manager's own."""
 
-    def __init__(self, checkpointer: Any, policy: BatchSelectionPolicy):
+    def __init__(self, checkpointer: Any, policy: StepPlanPolicy):
         self._checkpointer = checkpointer
         self._policy = policy
 
@@ -353,7 +328,7 @@ class _CheckpointerSavingControls:
         return getattr(self.__dict__["_checkpointer"], name)
 
 
-def _checkpointer_saving(checkpointer: Any, policy: BatchSelectionPolicy) -> _CheckpointerSavingControls:
+def _checkpointer_saving(checkpointer: Any, policy: StepPlanPolicy) -> _CheckpointerSavingControls:
     """Restore the controls' state from the checkpoint NeMo-RL's ``setup()`` resumed from (its latest), and save
     it into every new one."""
     latest = getattr(checkpointer, "get_latest_checkpoint_path", lambda: None)()
@@ -362,7 +337,7 @@ def _checkpointer_saving(checkpointer: Any, policy: BatchSelectionPolicy) -> _Ch
     return _CheckpointerSavingControls(checkpointer, policy)
 
 
-def _wrap_entry(original: Callable, name: str, counter_field: str, options: Mapping[str, Any]) -> Callable:
+def _wrap_entry(original: Callable, name: str, counter_field: str, options: NemoRLOptions) -> Callable:
     signature = inspect.signature(original)
     missing = [p for p in REQUIRED_ENTRY_PARAMETERS if p not in signature.parameters]
     if missing:
@@ -377,10 +352,10 @@ def _wrap_entry(original: Callable, name: str, counter_field: str, options: Mapp
             {key: config_section(master_config, key) for key in ("policy", "data_plane", "grpo", "loss_fn")}, options)
         policy = wrap_policy_for_step(
             bound.arguments["policy"], bound.arguments["loss_fn"], master_config,
-            bound.arguments.get("grpo_save_state"), counter_field=counter_field, selection=options["selection"])
+            bound.arguments.get("grpo_save_state"), counter_field=counter_field, plan=options.plan)
         bound.arguments["policy"] = policy
         checkpointer = bound.arguments.get("checkpointer")
-        if isinstance(policy, BatchSelectionPolicy) and checkpointer is not None:
+        if isinstance(policy, StepPlanPolicy) and checkpointer is not None:
             bound.arguments["checkpointer"] = _checkpointer_saving(checkpointer, policy)
         return original(*bound.args, **bound.kwargs)
 
@@ -398,15 +373,12 @@ def install(grpo_module: Any, options: Optional[Mapping[str, Any]] = None) -> li
 
     Returns the names of the entries it wrapped.
     """
-    from .nemo_rl import EntropyControlLossFn
-
-    options = nemo_rl_options(options)
+    options = NemoRLOptions.from_section(options)
     if not hasattr(grpo_module, "setup") or not hasattr(grpo_module, "grpo_train"):
         raise TypeError(f"{getattr(grpo_module, '__name__', grpo_module)!r} is not NeMo-RL's GRPO module "
                         "(no setup / grpo_train)")
-    grpo_module.ClippedPGLossFn = functools.partial(EntropyControlLossFn, input_type=options["input_type"],
-                                                    log_entropy=options["log_entropy"],
-                                                    selection=options["selection"])
+    grpo_module.ClippedPGLossFn = functools.partial(EntropyControlLossFn, input_type=options.input_type,
+                                                    log_entropy=options.log_entropy, plan=options.plan)
     wrapped = []
     for name, counter_field in TRAINING_ENTRIES.items():
         original = getattr(grpo_module, name, None)

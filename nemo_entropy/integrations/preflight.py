@@ -24,6 +24,12 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import torch
+
+from . import batch_keys
+from .nemo_rl import EntropyControlLossFn
+from .nemo_rl_run import REQUIRED_ENTRY_PARAMETERS, TRAINING_ENTRIES, install
+
 __all__ = ["Incompatible", "CHECKS", "run_checks", "main"]
 
 
@@ -86,8 +92,6 @@ def check_grpo_module(ctx: dict) -> str:
 
 
 def check_training_entries(ctx: dict) -> str:
-    from .nemo_rl_run import REQUIRED_ENTRY_PARAMETERS, TRAINING_ENTRIES
-
     grpo, found = ctx["grpo"], []
     for name in TRAINING_ENTRIES:
         entry = getattr(grpo, name, None)
@@ -101,8 +105,6 @@ def check_training_entries(ctx: dict) -> str:
 
 
 def check_save_state(ctx: dict) -> str:
-    from .nemo_rl_run import TRAINING_ENTRIES
-
     form, names = _field_names(ctx["grpo"].GRPOSaveState)
     needed = sorted(set(TRAINING_ENTRIES.values()))
     missing = [n for n in needed if n not in names]
@@ -149,10 +151,6 @@ def check_loss_call_sites(ctx: dict) -> str:
 
 
 def check_batched_data_dict(ctx: dict) -> str:
-    import torch
-
-    from . import batch_keys
-
     module = _import("nemo_rl.distributed.batched_data_dict")
     data = module.BatchedDataDict({
         "input_ids": torch.zeros(4, 3, dtype=torch.long), "sample_mask": torch.ones(4),
@@ -182,8 +180,6 @@ def check_run_script(ctx: dict) -> str:
 
 
 def _tiny_batch(seed: int = 0):
-    import torch
-
     gen = torch.Generator().manual_seed(seed)
     batch, length, vocab = 6, 10, 11
     logits = torch.randn(batch, length, vocab, generator=gen)
@@ -206,10 +202,6 @@ def _tiny_batch(seed: int = 0):
 
 def check_loss_parity(ctx: dict) -> str:
     """``method: ppo`` of our adapter against NeMo-RL's ``ClippedPGLossFn`` on a tiny CPU batch."""
-    import torch
-
-    from .nemo_rl import EntropyControlLossFn
-
     grpo = ctx["grpo"]
     loss_module = _import("nemo_rl.algorithms.loss.loss_functions")
     config_cls = getattr(loss_module, "ClippedPGLossConfig", None)
@@ -242,8 +234,6 @@ def check_loss_parity(ctx: dict) -> str:
 
 
 def check_install(ctx: dict) -> str:
-    from .nemo_rl_run import install
-
     grpo = ctx["grpo"]
     saved = {name: getattr(grpo, name) for name in ("ClippedPGLossFn", "grpo_train", "async_grpo_train")
              if hasattr(grpo, name)}

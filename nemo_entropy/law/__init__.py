@@ -6,12 +6,13 @@
 - :func:`fit_law`, :func:`bootstrap_law` (``fit``): closed-form least squares, percentile-bootstrap intervals.
 - :func:`fit_run` (``heldout``): fit the first part of a run, predict the rest (``rmse_heldout``).
 - :func:`law_agreement` (``agreement``): do several runs share ``a`` and ``b``?
-- :func:`covariance_concentration` (``concentration``, needs torch) and :func:`entropy_change_correlation`
-  (``entropy_change``): pure diagnostics for the trainer and the NeMo-RL adapter to log.
+- :func:`entropy_change_correlation` (``entropy_change``) and, in ``nemo_entropy.law.concentration`` (it needs
+  torch, so this package does not import it), :func:`~nemo_entropy.law.concentration.covariance_concentration`:
+  pure diagnostics for the trainer and the NeMo-RL adapter to log.
 - ``nemo-entropy law fit`` / ``law diagnose`` (``cli``). Reference: docs/law.md.
 
-The fitting side needs only numpy (tensorboard and matplotlib are imported when used); the concentration
-diagnostic imports torch on first use, so ``law fit`` on a CSV does not pay for it.
+The fitting side needs only numpy (tensorboard and matplotlib are imported when used), so ``law fit`` on a CSV
+does not pay for torch.
 """
 
 from .agreement import RULE as AGREEMENT_RULE
@@ -23,20 +24,10 @@ from .keys import ENTROPY_KEYS, PERFORMANCE_KEYS, PREDICTION_KEYS, resolve_key
 from .readers import read_run
 from .series import LawInputError, RunScalars, RunSeries, pair_series
 
-_TORCH_NAMES = ("covariance_concentration", "covariance_concentration_metrics", "ConcentrationLevel",
-                "DEFAULT_FRACTIONS")
-
 __all__ = [
     "AGREEMENT_RULE", "LawAgreement", "law_agreement", "EntropyChangeCorrelation", "entropy_change_correlation",
     "LawFit", "LawIntervals", "bootstrap_law", "fit_law", "predict_performance", "RunLaw", "fit_run",
     "split_points", "ENTROPY_KEYS", "PERFORMANCE_KEYS", "PREDICTION_KEYS", "resolve_key", "read_run",
-    "LawInputError", "RunScalars", "RunSeries", "pair_series", *_TORCH_NAMES,
+    "LawInputError", "RunScalars", "RunSeries", "pair_series",
 ]
 
-
-def __getattr__(name):
-    if name in _TORCH_NAMES:
-        from . import concentration
-
-        return getattr(concentration, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,6 +21,7 @@ from .entropy_change import entropy_change_correlation
 from .heldout import (DEFAULT_BOOTSTRAP, DEFAULT_FIT_FRACTION, MIN_BOOTSTRAP, RunLaw, check_bootstrap,
                       check_split_options, fit_run)
 from .keys import ENTROPY_KEYS, PERFORMANCE_KEYS, PREDICTION_KEYS, STEP_COLUMNS, resolve_key
+from .plot import default_plot_path, plot_laws
 from .readers import SOURCES, read_run
 from .series import LawInputError, pair_series
 
@@ -138,8 +139,6 @@ def _fit_command(args) -> int:
     agreement = law_agreement(laws) if len(laws) > 1 else None
     plot_path = None
     if not args.no_plot:
-        from .plot import default_plot_path, plot_laws
-
         plot_path = plot_laws(laws, args.plot or default_plot_path(args.runs[0]), labels=args.runs)
     if args.json:
         for law in laws:  # stdout holds only the JSON; what was dropped still reaches the user

@@ -4,7 +4,7 @@ The paper's observation behind Clip-Cov and KL-Cov: the per-token covariance sco
 ``c_i = (l_i - mean l)(A_i - mean A)`` are heavy-tailed; the top 0.02% of tokens average 5.654 against 0.003
 over all tokens, so acting on a tiny fraction of tokens acts on most of the entropy-reducing covariance.
 For each fraction ``f`` this reports, over the ``k = max(1, floor(f N))`` tokens with the largest scores
-(the quota rule of :func:`nemo_entropy.selection.selection_quota`, the same ``k`` the controls select):
+(the quota rule of :func:`nemo_entropy.exact.selection_quota`, the same ``k`` the controls select):
 
 - ``share``: their sum over the sum of all N scores (the share of the total covariance they hold; it can
   exceed 1, or be negative, since scores of either sign add up to the total, and it is NaN when the
@@ -12,7 +12,7 @@ For each fraction ``f`` this reports, over the ``k = max(1, floor(f N))`` tokens
 - ``top_mean``: their mean, to set against ``overall_mean``, the mean of all N scores.
 
 Pure and local: the input is every valid token's score of one step on this process (in a DP setting,
-gather the scores or use the exact distributed top-k of :mod:`nemo_entropy.selection` first). Sums are in
+gather the scores or use the exact distributed top-k of :mod:`nemo_entropy.exact` first). Sums are in
 float64; the result does not depend on how ties at the k-th score are broken.
 """
 
@@ -24,9 +24,9 @@ from typing import Sequence
 
 import torch
 
-from ..plan import CONCENTRATION_FRACTIONS as DEFAULT_FRACTIONS
-from ..plan import concentration_sums, fraction_tag
-from ..selection import selection_quota
+from ..covariance_diagnostics import CONCENTRATION_FRACTIONS as DEFAULT_FRACTIONS
+from ..covariance_diagnostics import concentration_sums, fraction_tag
+from ..exact import selection_quota
 
 __all__ = ["DEFAULT_FRACTIONS", "ConcentrationLevel", "covariance_concentration", "covariance_concentration_metrics",
            "fraction_tag"]

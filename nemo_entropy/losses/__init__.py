@@ -10,7 +10,7 @@ global count so that *summing* over micro-batches and ranks yields the batch val
 """
 
 from .metrics import accumulate_metrics, metric_reduction
-from .normalization import reduce_per_token
+from ..normalization import reduce_per_token
 from .policy import per_token_policy_loss, policy_loss
 
 __all__ = ["policy_loss", "per_token_policy_loss", "reduce_per_token", "accumulate_metrics", "metric_reduction"]

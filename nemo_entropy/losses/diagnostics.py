@@ -1,7 +1,7 @@
 """Diagnostics of a batch that NeMo-RL's ``ClippedPGLossFn`` reports next to its loss (no gradient): how far the
 trainer's log-probs of the rollout are from the generator's, and the sampled-token entropy estimate.
 
-Every value is this micro-batch's share of the step's token mean (:mod:`nemo_entropy.losses.normalization`);
+Every value is this micro-batch's share of the step's token mean (:mod:`nemo_entropy.normalization`);
 :func:`metric_normalizations` tells a split-API trainer which count each NeMo-RL metric of the loss was divided by.
 """
 
@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from .nemo_rl_terms import kl_estimate
-from .normalization import Count, global_token_sum
+from ..normalization import Count, global_token_sum
 
 __all__ = ["generation_mismatch_metrics", "approx_entropy", "metric_normalizations"]
 

@@ -6,7 +6,7 @@ module computes each with the meaning of NeMo-RL's config keys (main at 7ea279ab
 them when the keys are active and a NeMo-RL ``loss_fn:`` section behaves the same under our loss. Defaults come
 from :class:`~nemo_entropy.config.LossConfig` alone.
 
-Normalisation follows NeMo-RL's rule (:mod:`nemo_entropy.losses.normalization`): every returned scalar and
+Normalisation follows NeMo-RL's rule (:mod:`nemo_entropy.normalization`): every returned scalar and
 metric is this micro-batch's share of the step's mean, so sums over micro-batches and ranks give the batch value.
 
 Deliberate differences from NeMo-RL, each documented where it happens:
@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 
-from .normalization import Count, global_sequence_sum, global_token_sum, safe_count, sequence_means
+from ..normalization import Count, global_sequence_sum, global_token_sum, safe_count, sequence_means
 
 __all__ = ["kl_estimate", "importance_weights", "reference_kl_penalty", "positive_example_nll"]
 

@@ -1,10 +1,10 @@
 """The policy loss of one micro-batch: surrogate, the active controls' per-token changes, NeMo-RL's extra terms,
 global normalisation, metrics.
 
-Per token, with the ratio of :func:`~nemo_entropy.losses.surrogate.importance_ratio`:
+Per token, with the ratio of :func:`~nemo_entropy.surrogate.importance_ratio`:
 
 1. each active control may reshape the advantages (``Control.shape_advantages``);
-2. the surrogate is PPO's clipped one (:func:`~nemo_entropy.losses.surrogate.clipped_surrogate`, with every
+2. the surrogate is PPO's clipped one (:func:`~nemo_entropy.surrogate.clipped_surrogate`, with every
    NeMo-RL option) unless one active control owns it (KL-Cov's ``-A r``);
 3. each control may weight it per token (Clip-Cov: 0 on its selected tokens) and add a per-token term (KL-Cov:
    ``beta |log r|`` on its selected tokens);
@@ -16,18 +16,20 @@ Whole-step quantities (counts, the covariance selection, coefficients) come from
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
 
 from ..config import LossConfig, loss_config
 from ..controls import ControlSet, TokenBatch
-from ..parallel import GroupsLike, as_groups
-from ..plan import DIAGNOSTICS, StepInputs, StepPlan, build_step_plan, reference_selection
-from ..selection import exact_group_sums, validate_token_inputs
+from ..covariance_diagnostics import DIAGNOSTICS
+from ..exact import validate_token_inputs
+from ..normalization import global_token_sum, reduce_per_token, safe_count, zero_masked
+from ..parallel import GroupsLike
+from ..plan import StepInputs, StepPlan, build_step_plan, reference_selection
+from ..surrogate import clipped_surrogate, importance_ratio
 from . import nemo_rl_terms
-from .normalization import global_token_sum, reduce_per_token, safe_count, zero_masked
-from .surrogate import clipped_surrogate, importance_ratio
 
 __all__ = ["policy_loss", "per_token_policy_loss", "reduce_per_token"]
 
@@ -65,65 +67,26 @@ def per_token_policy_loss(
     return loss, clip_active
 
 
-def _call_plan(config, logprobs, old_logprobs, advantages, mask, *, controls, groups, token_uids, step,
-               selected, scores, global_valid_tokens, global_valid_seqs, global_selected_tokens) -> StepPlan:
-    """The plan when the caller gives none (the convenience path): the pieces the caller passed, the rest computed
-    over this call's tokens across ``groups``. Collectives happen here only for missing pieces, and every rank
-    agrees on the validity of its inputs within the first of them."""
-    g = as_groups(groups)
-    selection = controls.selection
-    micro = config.scope == "microbatch" and selection is not None
-    caller_error = None
-    if selected is not None and (not isinstance(selected, torch.Tensor) or selected.dtype != torch.bool
-                                 or selected.shape != mask.shape):
-        # Not raised yet: it rides the first collective, so the other ranks raise too instead of waiting in it.
-        caller_error = ValueError(f"selected must be a bool tensor of shape {tuple(mask.shape)}, got "
-                                  f"{getattr(selected, 'dtype', type(selected).__name__)} "
-                                  f"{tuple(getattr(selected, 'shape', ()))}")
-    given = {"global_valid_tokens": global_valid_tokens, "global_valid_seqs": global_valid_seqs}
-    if selection is not None and not micro and selected is None:
-        # Select over this call across the group: exact only when one call holds the whole step.
-        plan = build_step_plan(config, StepInputs(old_logprobs, advantages, mask, token_uids), step=step, groups=g,
-                               controls=controls)
-        values = {name: dict(vals) for name, vals in plan.values.items()}
-        if global_selected_tokens is not None:
-            values[selection.name]["num_selected"] = float(global_selected_tokens)
-        return StepPlan(step, _given(global_valid_tokens, plan.global_valid_tokens),
-                        _given(global_valid_seqs, plan.global_valid_seqs),
-                        plan.scores if scores is None else scores, values)
-    if scores is None and not micro:
-        plan = build_step_plan(config, StepInputs(old_logprobs, advantages, mask, token_uids), step=step, groups=g,
-                               controls=ControlSet(loss_config(config, method="ppo", controls=())),
-                               local_error=caller_error)
-        scores, counted, caller_error = plan.scores, (plan.global_valid_tokens, plan.global_valid_seqs), None
-    else:
-        counted = None
-    values = {}
-    if selection is not None and selected is not None and caller_error is None:
-        values[selection.name] = {"selected": selected & mask.bool(), "num_selected": global_selected_tokens}
-    missing = [k for k, v in given.items() if v is None] + (
-        ["selected"] if selection is not None and selected is not None and global_selected_tokens is None else [])
-    if (missing and counted is None) or "selected" in missing or caller_error is not None:
-        try:
-            bool_mask, local_error = validate_token_inputs(mask, check_finite=False, old_logprobs=old_logprobs,
-                                                           advantages=advantages), None
-        except (TypeError, ValueError) as err:
-            bool_mask, local_error = torch.zeros(mask.shape, dtype=torch.bool), err
-        local_error = caller_error or local_error
-        group = g if missing else None
-        chosen = values[selection.name]["selected"] if "selected" in missing and local_error is None else bool_mask
-        (n_tokens, n_seqs, n_selected), _ = exact_group_sums(
-            [bool_mask.sum(), bool_mask.any(-1).sum(), chosen.sum() if "selected" in missing else torch.tensor(0)],
-            [], bool_mask, group, local_error=local_error)
-        counted = (n_tokens, n_seqs)
-        if "selected" in missing:
-            values[selection.name]["num_selected"] = float(n_selected)
-    return StepPlan(step, _given(global_valid_tokens, counted[0] if counted else None),
-                    _given(global_valid_seqs, counted[1] if counted else None), scores, values)
-
-
-def _given(value, fallback) -> float:
-    return float(value if value is not None else fallback)
+def _call_plan(config, old_logprobs, advantages, mask, *, controls, groups, token_uids, step,
+               global_valid_tokens, global_valid_seqs) -> StepPlan:
+    """``plan=None``: the plan over this call's tokens across ``groups`` (:func:`build_step_plan` itself), its counts
+    replaced by the caller's step counts when given. A call that is part of a larger step has no diagnostics: those
+    of its own tokens are not the step's."""
+    whole_step = [c.name for c in controls if "old_entropy" in c.needs]
+    if whole_step:
+        raise ValueError(f"loss_fn.method/controls {', '.join(map(repr, whole_step))} needs the step plan (its values "
+                         "come from the whole step's old entropy, which a loss call does not have): build it with "
+                         "nemo_entropy.plan.build_step_plan(..., StepInputs(..., old_entropy=...)) and pass "
+                         "plan=plan.rows(rows)")
+    plan = build_step_plan(config, StepInputs(old_logprobs, advantages, mask, token_uids), step=step, groups=groups,
+                           controls=controls)
+    if global_valid_tokens is None and global_valid_seqs is None:
+        return plan
+    values = {name: vals for name, vals in plan.values.items() if name != DIAGNOSTICS}
+    return replace(plan, values=values,
+                   global_valid_tokens=float(plan.global_valid_tokens if global_valid_tokens is None
+                                             else global_valid_tokens),
+                   global_valid_seqs=float(plan.global_valid_seqs if global_valid_seqs is None else global_valid_seqs))
 
 
 def policy_loss(
@@ -137,14 +100,11 @@ def policy_loss(
     entropy: Optional[torch.Tensor] = None,
     logit_values: Optional[dict] = None,
     controls: Optional[ControlSet] = None,
-    selected: Optional[torch.Tensor] = None,
-    scores: Optional[torch.Tensor] = None,
-    global_valid_tokens: Optional[torch.Tensor | float] = None,
-    global_valid_seqs: Optional[torch.Tensor | float] = None,
-    global_selected_tokens: Optional[torch.Tensor | float] = None,
     groups: GroupsLike = None,
     token_uids: Optional[torch.Tensor] = None,
     step: int = 0,
+    global_valid_tokens: Optional[torch.Tensor | float] = None,
+    global_valid_seqs: Optional[torch.Tensor | float] = None,
     reference_logprobs: Optional[torch.Tensor] = None,
     generation_logprobs: Optional[torch.Tensor] = None,
     rewards: Optional[torch.Tensor] = None,
@@ -160,28 +120,23 @@ def policy_loss(
             of every tensor may hold anything (-inf log-probs, NaN advantages on padding).
         plan: the step's plan restricted to this micro-batch (``build_step_plan(...).rows(...)``): counts,
             covariance scores, the controls' selections and coefficients. With a plan the loss issues **no
-            collective**, and ``selected`` / ``scores`` / ``global_*`` / ``groups`` are not used.
+            collective**. ``None``: the plan over *this call's* tokens across ``groups``
+            (:func:`~nemo_entropy.plan.build_step_plan` on ``old_logprobs``, exact for the step only when the call
+            holds the whole step, e.g. one process).
         entropy: the current full-vocabulary entropy per token, with its gradient, for controls that need it
             (``entropy`` in their ``needs``).
         logit_values: for controls that need ``logits``: ``controls.logit_values(logits_shard, ...)`` of this
             micro-batch's current logits (``{control: {name: [batch, length] tensor}}``, with their gradient).
         controls: the stateful controls of the run (their state feeds the plan); default: fresh ones.
 
-    Without a plan (a convenience path for one process and for callers that pass ``groups``), the plan is made
-    from the pieces passed, the rest computed over this call's tokens across ``groups`` (collectives):
-        selected: ``scope: batch``: the mask from :func:`~nemo_entropy.selection.select_tokens` over the whole
-            optimizer step. If omitted, the selection is made over *this call's* tokens across ``groups`` (exact
-            only when one call holds the whole step). With ``scope: microbatch`` it must be omitted: the
-            reference's per-call selection is reproduced.
-        scores: covariance scores for the metrics; computed over this call when omitted.
-        global_valid_tokens / global_valid_seqs: valid tokens / sequences of the whole optimizer step over all
-            DP ranks. Default: this call's counts summed over ``groups``.
-        global_selected_tokens: selected tokens of the whole step (for ``cov_selected_mean``); default: this
-            call's count summed over ``groups``.
+    Without a plan only (what :func:`build_step_plan` takes, for the plan over this call):
         groups: ``None`` (one process), the token-group ``ProcessGroup``, or ``ParallelGroups``.
-        token_uids: int64 [batch, length] layout-independent token ids (Clip-Cov's hash keys; default: unique
-            over the group but layout dependent, see ``plan.default_token_uids``).
+        token_uids: int64 [batch, length] layout-independent token ids (Clip-Cov's hash keys, here and in
+            ``scope: microbatch``'s per-call selection; default: unique over the group but layout dependent, see
+            ``plan.default_token_uids``).
         step: optimizer step (Clip-Cov's hash keys).
+        global_valid_tokens / global_valid_seqs: the step's counts when this call is a part of it (NeMo-RL passes
+            them to every loss call): they normalise the loss instead of the call's own counts.
 
     Always:
         reference_logprobs / generation_logprobs: for NeMo-RL's reference KL and importance-sampling keys.
@@ -193,14 +148,10 @@ def policy_loss(
     """
     config = config if isinstance(config, LossConfig) else loss_config(config)
     controls = controls if controls is not None else ControlSet(config)
-    if selected is not None and config.scope == "microbatch" and controls.selection is not None:
-        raise ValueError("loss_fn.scope='microbatch' selects per call: do not pass `selected` "
-                         "(use scope='batch' for a precomputed selection)")
     if plan is None:
-        plan = _call_plan(config, logprobs, old_logprobs, advantages, mask, controls=controls, groups=groups,
-                          token_uids=token_uids, step=step, selected=selected, scores=scores,
-                          global_valid_tokens=global_valid_tokens, global_valid_seqs=global_valid_seqs,
-                          global_selected_tokens=global_selected_tokens)
+        plan = _call_plan(config, old_logprobs, advantages, mask, controls=controls, groups=groups,
+                          token_uids=token_uids, step=step, global_valid_tokens=global_valid_tokens,
+                          global_valid_seqs=global_valid_seqs)
     bool_mask = validate_token_inputs(
         mask, check_finite=False, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages,
         token_uids=token_uids, reference_logprobs=reference_logprobs, generation_logprobs=generation_logprobs,

@@ -96,7 +96,7 @@ class CpuPolicy(_policy_base()):  # type: ignore[misc]
             optimizer_path=None if optimizer_path is None else str(optimizer_path)))
 
     def train(self, data, loss_fn, *args: Any, **kwargs: Any):
-        # Who called us: grpo_train's policy must be the plugin's BatchSelectionPolicy wrapping this object.
+        # Who called us: grpo_train's policy must be the plugin's StepPlanPolicy wrapping this object.
         caller = inspect.currentframe().f_back.f_locals.get("self")  # type: ignore[union-attr]
         wrapper = caller if caller is not None and getattr(caller, "wrapped_policy", None) is self else None
         data[ROW_TAG] = torch.arange(data.size, dtype=torch.int64)

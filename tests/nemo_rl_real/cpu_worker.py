@@ -27,7 +27,7 @@ import ray
 import torch
 
 from nemo_entropy.integrations import batch_keys
-from nemo_entropy.plan import PREFIX as PLAN_PREFIX
+from nemo_entropy.integrations.batch_keys import PLAN_PREFIX
 
 from . import tiny
 from .cuda_on_cpu import cuda_on_cpu

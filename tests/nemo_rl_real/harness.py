@@ -51,7 +51,7 @@ LOSS_SECTIONS: dict[str, dict[str, Any]] = {
     # needs the old policy's entropy: the driver's eval-mode pass through NeMo-RL's training loop
     "top_entropy": {"method": "top_entropy", "top_entropy_quantile": 0.2},
 }
-NEMO_RL_OPTIONS = {"selection": "driver", "input_type": "logprob"}
+NEMO_RL_OPTIONS = {"plan": "driver", "input_type": "logprob"}
 """Our ``nemo_rl:`` section (defaults of a run), as the run entry passes it to ``install``."""
 
 
@@ -77,7 +77,7 @@ class RunSpec:
     @property
     def options(self) -> dict[str, Any]:
         """The run's ``nemo_rl:`` section."""
-        return {**NEMO_RL_OPTIONS, "input_type": self.input_type, "selection": self.selection}
+        return {**NEMO_RL_OPTIONS, "input_type": self.input_type, "plan": self.selection}
 
 
 def nemo_rl_config(root: Path, spec: RunSpec, run_dir: Path, checkpoint_dir: Path) -> dict[str, Any]:

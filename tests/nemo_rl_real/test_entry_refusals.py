@@ -16,10 +16,10 @@ class _Untouchable:
 
 
 CASES = [
-    ({"selection": "driver"}, {"data_plane": {"enabled": True}}, ("data_plane.enabled",)),
-    ({"selection": "worker"}, {"policy": {"sequence_packing": {"enabled": True}}},
-     ("nemo_rl.selection='worker'", "policy.sequence_packing.enabled")),
-    ({"selection": "driver", "input_type": "logit"}, {"policy": {"generation": {"top_k": 8}}},
+    ({"plan": "driver"}, {"data_plane": {"enabled": True}}, ("data_plane.enabled",)),
+    ({"plan": "worker"}, {"policy": {"sequence_packing": {"enabled": True}}},
+     ("nemo_rl.plan='worker'", "policy.sequence_packing.enabled")),
+    ({"plan": "driver", "input_type": "logit"}, {"policy": {"generation": {"top_k": 8}}},
      ("nemo_rl.input_type='logit'", "policy.generation.top_k")),
 ]
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from nemo_entropy.integrations import batch_keys
-from nemo_entropy.integrations.driver_selection import STATE_FILE
+from nemo_entropy.integrations.step_plan import STATE_FILE
 
 from . import reference as ref
 from .harness import GENERATIONS_PER_PROMPT, PROMPTS_PER_STEP, STEPS, TRAIN_GLOBAL_BATCH, RunSpec
@@ -38,7 +38,7 @@ def _close(logged: float, expected: float) -> bool:
 
 def test_install_wraps_the_entries_and_replaces_the_loss(installer):
     grpo = installer.grpo
-    wrapped = installer.install({"selection": "driver", "input_type": "logit"})
+    wrapped = installer.install({"plan": "driver", "input_type": "logit"})
     assert "grpo_train" in wrapped and "async_grpo_train" in wrapped
     assert grpo.grpo_train is not installer.originals["grpo_train"]
     loss = grpo.ClippedPGLossFn(grpo.ClippedPGLossConfig(**{"method": "clip_cov"}), use_fused_linear_logprobs=False)
@@ -57,7 +57,7 @@ def test_selection_reaching_the_loss_is_the_whole_step_selection(harness, spec):
     selected_total = 0
     for t, call in enumerate(run.train_calls, start=1):
         data = ref.step_data(run.logged_train_data(t))
-        assert call.wrapper_type == "BatchSelectionPolicy", "grpo_train trained an unwrapped policy"
+        assert call.wrapper_type == "StepPlanPolicy", "grpo_train trained an unwrapped policy"
         expected, steps = ref.expected_selection(data, spec.method, first_step=(t - 1) * STEPS_PER_ROLLOUT)
         got = ref.reached(call.records, data.mask.shape)
         # every valid token of the step reached exactly one (non-dummy) loss call on one DP rank; no other did
@@ -144,8 +144,8 @@ def test_resume_continues_the_step_counter_and_clip_cov_selects_as_uninterrupted
 
     for k, call in enumerate(second.train_calls):
         t = 4 + k
-        # BatchSelectionPolicy.optimizer_step after this rollout, and the steps attached to train_data
-        assert call.wrapper_type == "BatchSelectionPolicy"
+        # StepPlanPolicy.optimizer_step after this rollout, and the steps attached to train_data
+        assert call.wrapper_type == "StepPlanPolicy"
         assert call.optimizer_step_after == t * STEPS_PER_ROLLOUT, (
             f"rollout {t}: optimizer_step {call.optimizer_step_after}, expected {t * STEPS_PER_ROLLOUT}")
         want_steps = torch.arange((t - 1) * STEPS_PER_ROLLOUT, t * STEPS_PER_ROLLOUT).repeat_interleave(
@@ -176,14 +176,14 @@ WORKER_DP2 = RunSpec("kl_cov", False, 2, selection="worker", micro_batch=TRAIN_G
 
 
 def test_in_worker_selection_with_dp2_is_the_step_selection_or_refused(harness):
-    """``nemo_rl.selection: worker`` with DP 2 and ``train_micro_batch_size x DP == train_global_batch_size`` (which
+    """``nemo_rl.plan: worker`` with DP 2 and ``train_micro_batch_size x DP == train_global_batch_size`` (which
     validation accepts): the loss must select over the whole optimizer step across both ranks (as
     ``scope: batch`` promises), or the run must be refused by name before it starts. On NeMo-RL's DTensor path the
     loss gets no DP group (no megatron ``parallel_state``), so each rank selects over its own half."""
     try:
         run = harness.run(WORKER_DP2)
     except ValueError as err:  # refused by name: acceptable
-        assert "nemo_rl.selection" in str(err), str(err)
+        assert "nemo_rl.plan" in str(err), str(err)
         return
     scalars = run.tensorboard_scalars()
     mismatches = []

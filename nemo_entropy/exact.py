@@ -1,0 +1,546 @@
+"""The exact, layout-invariant primitives of the step plan: fixed-point sums, covariance scores, the distributed
+top-k, hash keys and token uids (pure tensor math and the two collectives, through ``nemo_entropy.parallel``).
+
+The reference implementation selects per micro-batch per GPU, so its selected set changes with micro-batch
+size and GPU count (README, "Selection scope"). Here ``scope: batch`` selects over every valid token of an optimizer
+step, on every rank of the token-holding group, and the result is *bit-identical* whatever the layout:
+
+1. **Exact means.** Means of log-prob and advantage are computed from fixed-point int64 sums (values rounded to
+   multiples of 2**-20, so the mean is exact to ~1e-6 and, above all, independent of summation order). One
+   all-reduce of ``[count, sum l, sum A, sum pA]`` over the token group. A floating-point all-reduce would give
+   different last bits for different layouts and could flip a near-tie in the top-k.
+2. **Scores** are then elementwise functions of per-token values and those shared means: identical everywhere.
+3. **Exact distributed top-k** under a total order (priority descending, token uid ascending): each rank offers
+   its local top-k (padded to exactly k), one all-gather, every rank derives the same k-th element and keeps
+   its tokens at or above it. Communication is O(world x k), never O(N); no per-token data reaches the host.
+4. **Clip-Cov's random subset** is "the candidates with the smallest hash keys", keys a counter-based hash of
+   ``(seed, step, token_uid)``: no RNG state, the same on TP/CP replicas, reproducible after a resume, and a
+   uniformly random subset of the candidates.
+
+Every rank of the group must call these functions (even with zero valid tokens): they issue their collectives
+unconditionally, and every data-dependent branch is taken on globally agreed values. Which tokens a control
+selects, from these primitives, is the control's business (``nemo_entropy.controls``); the per-step plan
+(``nemo_entropy.plan``) runs them once per optimizer step, and ``nemo_entropy.selection`` reads its selection.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from .parallel import GroupsLike, as_groups
+
+__all__ = [
+    "covariance_scores",
+    "distributed_top_k",
+    "Offer",
+    "local_offer",
+    "masked_offer",
+    "merge_offers",
+    "merged_top_k",
+    "chosen_from_offer",
+    "chosen_from_merged",
+    "exact_group_sums",
+    "scores_from_means",
+    "selection_quota",
+    "hash_keys",
+    "token_uids_for",
+    "global_token_stats",
+    "validate_token_inputs",
+    "rows_with_tokens",
+    "work_tensor",
+]
+
+# Fixed-point scale of the exact sums: two limbs of 20 bits, a resolution of 2**-40 of a log-prob or advantage. One
+# limb (2**-20) was not enough: an advantage is the same on every token of a response, so its rounding error adds
+# up over the response instead of averaging out, and the diagnostics' total covariance (sum l A - N mean l mean A)
+# cancels most of its terms; together they lost 5 digits of it on real batches. The high limb's int64 sums stay
+# exact while sum(|x|) over the whole batch < 2**43 (e.g. 1e9 tokens with |x| < 8000); the low limb is at most
+# 2**19 a token.
+_FIXED_POINT_BITS = 20
+_INT64_MAX = torch.iinfo(torch.int64).max
+_MASK64 = (1 << 64) - 1
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _as_bool_mask(mask: torch.Tensor, name: str = "mask") -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.dtype.is_floating_point or mask.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64):
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"{name} must hold only 0 and 1 (or be bool); it has other values")
+        return mask != 0
+    raise TypeError(f"{name} must be bool or 0/1 numeric, got dtype {mask.dtype}")
+
+
+def _non_finite_error(name: str, tensor: torch.Tensor, mask: torch.Tensor) -> ValueError:
+    count = int(((~torch.isfinite(tensor.detach())) & mask).sum())
+    return ValueError(f"{name} has {count} non-finite (NaN or inf) values on valid (unmasked) tokens")
+
+
+def validate_token_inputs(mask: torch.Tensor, *, check_finite: bool = True,
+                          **tensors: Optional[torch.Tensor]) -> torch.Tensor:
+    """Check per-token tensors against ``mask`` and return the mask as bool.
+
+    Every tensor must have the mask's shape and device; float tensors must be finite on valid tokens
+    (masked positions may hold anything, e.g. -inf log-probs of padding); ``token_uids`` must be int64.
+    ``check_finite=False`` leaves the finiteness check to the caller (the exact sums do it for free).
+    """
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    bool_mask = _as_bool_mask(mask)
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.shape != mask.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)} but mask has shape {tuple(mask.shape)}; "
+                             f"per-token tensors must all be [batch, length]")
+        if tensor.device != mask.device:
+            raise ValueError(f"{name} is on {tensor.device} but mask is on {mask.device}")
+        if name == "token_uids":
+            if tensor.dtype != torch.int64:
+                raise TypeError(f"token_uids must be int64, got {tensor.dtype}")
+            continue
+        if not tensor.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor (fp32, bf16, fp16 or fp64), got {tensor.dtype}")
+        if check_finite and not bool(torch.isfinite(tensor.detach()).logical_or_(~bool_mask).all()):
+            raise _non_finite_error(name, tensor, bool_mask)
+    return bool_mask
+
+
+def rows_with_tokens(mask: torch.Tensor) -> torch.Tensor:
+    """How many rows (sequences) of a bool ``[batch, length]`` mask hold a valid token (an int64 scalar)."""
+    if mask.shape[-1] == 0:
+        return torch.zeros((), dtype=torch.int64, device=mask.device)
+    return torch.count_nonzero(mask.view(torch.uint8).amax(-1))  # a max over bytes: faster than any() here
+
+
+# ----------------------------------------------------------------------------------------------- exact sums
+def work_tensor(scratch: Optional[dict], shape, dtype, device, slot: str = "") -> torch.Tensor:
+    """An uninitialised tensor kept in ``scratch`` by shape, dtype, device and ``slot`` (made once per scratch): on
+    the CPU a fresh step-sized tensor costs its page faults, more than the pass that fills it."""
+    key = (tuple(shape), dtype, device, slot)
+    tensor = scratch.get(key) if scratch is not None else None
+    if tensor is None:
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+        if scratch is not None:
+            scratch[key] = tensor
+    return tensor
+
+
+def _fixed_point_sum(values: torch.Tensor, mask: Optional[torch.Tensor], world_size: int,
+                     scratch: Optional[dict] = None) -> tuple[torch.Tensor, int]:
+    """Exact int64 sums of ``values`` over valid tokens in two limbs, ``[sum of the multiples of 2**-20, sum of the
+    remainders in multiples of 2**-40]`` (each value rounded to a multiple of 2**-40), and a problem code (0 fine,
+    1 NaN/inf on a valid token, 2 too large for exact sums).
+
+    Problems are *returned*, not raised: the caller folds them into the all-reduce so that every rank raises
+    together instead of one rank raising while the others wait in the collective.
+    Scaling by a power of two and rounding to an integer are exact in the input's own float format, so fp32
+    inputs never need an fp64 copy. The work happens in place in one tensor, which ``scratch`` keeps across the
+    calls of one :func:`exact_group_sums` (a fresh step-sized tensor costs its page faults on every call).
+    """
+    factors = [t.detach() for t in (values if isinstance(values, tuple) else (values,))]
+    source = factors[0]
+    work_dtype = torch.float64 if all(t.dtype == torch.float64 for t in factors) else torch.float32
+    zero = torch.zeros(2, dtype=torch.int64, device=source.device)
+    if source.numel() == 0:
+        return zero, 0
+    scale = float(1 << _FIXED_POINT_BITS)
+    q = work_tensor(scratch, source.shape, work_dtype, source.device)
+    if len(factors) == 2:  # a product, formed in the work tensor (same rounding as a fresh one)
+        torch.mul(factors[0].to(work_dtype), factors[1].to(work_dtype), out=q)
+        q.mul_(scale)
+    else:
+        torch.mul(source.to(work_dtype), scale, out=q)
+    if mask is not None:  # else already compacted (or zero) where masked; padding may hold NaN or -inf
+        torch.where(mask, q, torch.zeros((), dtype=work_dtype, device=q.device), out=q)
+    high = torch.round(q, out=work_tensor(scratch, source.shape, work_dtype, source.device, "high"))
+    # q - high is exact in q's format (a number minus its nearest integer); scaled again, the low limb.
+    q.sub_(high).mul_(scale).round_()
+    low_min, high_max = torch.aminmax(high)
+    max_abs = float(torch.maximum(-low_min, high_max))  # NaN and inf propagate
+    if not max_abs < float("inf"):
+        return zero, 1
+    # Overflow guard (no per-token host copy): the group's sum of |high| must stay below 2**62.
+    bound = max_abs * float(q.numel()) * world_size
+    if bound >= 2.0**62:
+        return zero, 2
+    # |low| <= 2**19 a token: its float64 sum is exact while the group holds fewer than 2**34 tokens.
+    low_sum = q.sum(dtype=torch.float64).to(torch.int64)
+    if bound < 2.0**53:
+        # Every partial sum is an integer below 2**53, which float64 adds exactly in any order: the int64 sum,
+        # without an int64 copy of the tokens.
+        return torch.stack([high.sum(dtype=torch.float64).to(torch.int64), low_sum]), 0
+    return torch.stack([high.to(torch.int64).sum(), low_sum]), 0
+
+
+def exact_group_sums(
+    counts: list[torch.Tensor],
+    values: list[tuple[str, torch.Tensor]],
+    mask: Optional[torch.Tensor],
+    groups: GroupsLike = None,
+    *,
+    local_error: Optional[Exception] = None,
+    scratch: Optional[dict] = None,
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Integer ``counts`` and exact fixed-point sums of ``values`` over the whole token group, in ONE all-reduce.
+
+    ``values`` are ``(name, tensor)`` pairs summed over the valid tokens (``mask``; ``None``: already compacted); a
+    ``(name, (a, b))`` pair sums the product ``a * b``.
+    Every problem is folded into the same all-reduce as a count of ranks, so that all ranks raise together after
+    it and none is left waiting in a collective: a ``local_error`` this rank found while checking its inputs
+    (the rank then contributes zeros), NaN or inf on a valid token, magnitudes too large for exact sums.
+    Counts of ranks cannot wrap, whatever the group size.
+
+    Returns ``(counts, sums)``: Python ints, and float64 scalars (the exact sums, identical on every rank).
+    ``scratch``: a dict that keeps the work tensor, for the caller to reuse (:func:`work_tensor`).
+    """
+    g = as_groups(groups)
+    world = g.token_world_size
+    device = mask.device if mask is not None else torch.device("cpu")
+    if mask is None and values:
+        first = values[0][1]
+        device = (first[0] if isinstance(first, tuple) else first).device
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    local_counts = [zero if local_error is not None else c.to(torch.int64).reshape(()) for c in counts]
+    sums, non_finite, overflow = [], [], 0
+    scratch = {} if scratch is None else scratch
+    for _, tensor in values:
+        total, problem = ((torch.zeros(2, dtype=torch.int64, device=device), 0) if local_error is not None
+                          else _fixed_point_sum(tensor, mask, world, scratch))
+        sums.append(total)
+        non_finite.append(int(problem == 1))
+        overflow = max(overflow, int(problem == 2))
+    flags = [int(local_error is not None), *non_finite, overflow]
+    local = torch.cat([torch.stack(local_counts) if local_counts else torch.zeros(0, dtype=torch.int64, device=device),
+                       *sums, torch.tensor(flags, dtype=torch.int64, device=device)])
+    total = g.token_all_reduce_sum(local)
+    n_counts, n_values = len(counts), 2 * len(values)  # two limbs per value
+    problems = total[n_counts + n_values:].tolist()
+    if any(problems):
+        # Every rank saw the same totals, so every rank is here: one more collective names the ranks.
+        flags_all = g.token_all_gather(local[n_counts + n_values:].reshape(1, -1))
+        ranks = lambda column: [r for r in range(flags_all.shape[0]) if int(flags_all[r, column])]  # noqa: E731
+        if problems[0]:
+            if local_error is not None:
+                raise local_error
+            raise ValueError(f"token-group rank(s) {ranks(0)} rejected their inputs (their error says why); "
+                             "stopping here instead of waiting in a collective")
+        for index, (name, _) in enumerate(values):
+            if problems[1 + index]:
+                raise ValueError(f"{name} have NaN or inf on valid (unmasked) tokens on token-group rank(s) "
+                                 f"{ranks(1 + index)}")
+        raise ValueError("per-token values are too large for the exact fixed-point sums (max |value| x tokens x "
+                         f"world must stay below 2**42) on token-group rank(s) {ranks(len(problems) - 1)}")
+    limbs = total[n_counts:n_counts + n_values].reshape(-1, 2).double()
+    scale = float(1 << _FIXED_POINT_BITS)
+    return [int(c) for c in total[:n_counts].tolist()], list((limbs[:, 0] + limbs[:, 1] / scale) / scale)
+
+
+def covariance_inputs(logprobs: torch.Tensor, advantages: torch.Tensor, form: str) -> list[tuple[str, torch.Tensor]]:
+    """The per-token values whose means the covariance scores need: ``l`` and ``A`` (natural) or ``p A`` (vanilla)."""
+    if form == "natural":
+        return [("logprobs", logprobs), ("advantages", advantages)]
+    return [("logprobs", logprobs),
+            ("advantages (or exp(logprobs) * advantages)",
+             torch.exp(logprobs.detach().float()) * advantages.detach().float())]
+
+
+def global_token_stats(
+    logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    groups: GroupsLike = None,
+    *,
+    form: str = "natural",
+    local_error: Optional[Exception] = None,
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(N, mean l, mean X)`` over the valid tokens of the whole token group, with one int64 all-reduce.
+
+    ``mask=None``: the tensors hold valid tokens only (already compacted).
+
+    ``X`` is the advantage (``form="natural"``) or ``p * A`` with ``p = exp(l)`` (``form="vanilla"``).
+    The means are float64 scalars identical on every rank, whatever the layout. Bad values on any rank (NaN or
+    inf on a valid token, magnitudes too large for exact sums, a ``local_error``) make *every* rank raise, after
+    the all-reduce (:func:`exact_group_sums`).
+    """
+    mask = None if mask is None or local_error is not None else _as_bool_mask(mask)
+    count = torch.tensor(0) if local_error is not None else (
+        mask.sum() if mask is not None else torch.tensor(logprobs.numel(), device=logprobs.device))
+    values = [] if local_error is not None else covariance_inputs(logprobs, advantages, form)
+    if local_error is not None:  # same layout of the all-reduce as the ranks with good inputs
+        values = [("logprobs", torch.zeros(0)), ("advantages", torch.zeros(0))]
+    (n,), (sum_l, sum_x) = exact_group_sums([count], values, mask, groups, local_error=local_error)
+    denom = float(max(n, 1))
+    return n, sum_l / denom, sum_x / denom
+
+
+def covariance_scores(
+    logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    groups: GroupsLike = None,
+    form: str = "natural",
+) -> torch.Tensor:
+    """Per-token covariance scores (fp32, shape of ``mask``; 0 on masked tokens).
+
+    ``natural``: ``c_i = (l_i - mean l) (A_i - mean A)``; ``vanilla``: ``c_i = (l_i - mean l)(p_i A_i - mean pA)``.
+    Means are over the valid tokens of the whole token group (``groups``), exact and layout invariant. A rank
+    with bad inputs (shape, dtype, NaN on a valid token) makes every rank raise, after the one all-reduce.
+    """
+    if form not in ("natural", "vanilla"):
+        raise ValueError(f"form={form!r} is invalid: allowed 'natural' or 'vanilla'")
+    try:
+        bool_mask, local_error = validate_token_inputs(mask, check_finite=False, logprobs=logprobs,
+                                                       advantages=advantages), None
+    except (TypeError, ValueError) as err:
+        bool_mask, local_error = None, err
+    _, mean_l, mean_x = global_token_stats(logprobs, advantages, bool_mask, groups, form=form, local_error=local_error)
+    return scores_from_means(logprobs, advantages, bool_mask, mean_l, mean_x, form)
+
+
+def scores_from_means(logprobs, advantages, mask, mean_l, mean_x, form, out: Optional[torch.Tensor] = None):
+    """The covariance scores from the exact means, 0 on masked tokens (written into ``out`` if given)."""
+    # fp32 elementwise math on identical inputs and identical (exact) means: bit-identical on every rank. In place
+    # on two step-sized tensors (each fresh one costs its page faults).
+    l = logprobs.detach().float()
+    a = advantages.detach().float()
+    scores = torch.sub(l, mean_l.float(), out=out)
+    if form == "natural":
+        x = torch.sub(a, mean_x.float())
+    else:
+        x = torch.exp(l).mul_(a).sub_(mean_x.float())
+    scores.mul_(x)
+    return torch.where(mask, scores, torch.zeros((), dtype=scores.dtype), out=scores)
+
+
+# ----------------------------------------------------------------------------------------------- hash keys
+def _splitmix64_int(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= (1 << 63) else x
+
+
+def _lshr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    # int64 arithmetic wraps modulo 2**64, which is what splitmix64 needs.
+    x = x + _signed(0x9E3779B97F4A7C15)
+    x = (x ^ _lshr(x, 30)) * _signed(0xBF58476D1CE4E5B9)
+    x = (x ^ _lshr(x, 27)) * _signed(0x94D049BB133111EB)
+    return x ^ _lshr(x, 31)
+
+
+def hash_keys(token_uids: torch.Tensor, *, seed: int, step: int) -> torch.Tensor:
+    """53-bit non-negative int64 keys, a counter-based hash of ``(seed, step, token_uid)``.
+
+    Pure function of its arguments: the same on every rank and after a resume. 53 bits so that the keys
+    convert to float64 exactly.
+    """
+    if token_uids.dtype != torch.int64:
+        raise TypeError(f"token_uids must be int64, got {token_uids.dtype}")
+    salt = _signed(_splitmix64_int(_splitmix64_int(int(seed) & _MASK64) ^ (int(step) & _MASK64)))
+    return _lshr(_splitmix64(_splitmix64(token_uids ^ salt)), 11)
+
+
+def token_uids_for(sample_ids: torch.Tensor, seq_len: int, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Layout-independent token uids: ``sample_id * seq_len + position`` as an int64 ``[batch, length]`` tensor.
+
+    ``sample_ids`` ([batch]) must identify each sample within the optimizer step (e.g. its index in the rollout
+    batch), not its position on this rank.
+    """
+    sample_ids = sample_ids.to(torch.int64).reshape(-1, 1)
+    if positions is None:
+        positions = torch.arange(seq_len, dtype=torch.int64, device=sample_ids.device).reshape(1, -1)
+    return sample_ids * int(seq_len) + positions.to(torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------- top-k
+class Offer(NamedTuple):
+    """This rank's first ``k`` candidates under the total order (priority desc, uid asc), padded to exactly ``k``
+    with ``(-inf, INT64_MAX, -1)``: what it offers to the all-gather, and where those tokens are."""
+
+    priority: torch.Tensor
+    """float64 ``[k]`` (exact copies of the candidates' priorities)."""
+    uids: torch.Tensor
+    """int64 ``[k]``."""
+    positions: torch.Tensor
+    """int64 ``[k]``: flat positions of the tokens in the step's ``[batch, length]`` tensors (-1 on padding)."""
+
+
+def _lexicographic_order(priority: torch.Tensor, uids: torch.Tensor) -> torch.Tensor:
+    """The permutation that sorts 1-D tensors by (priority descending, uid ascending, position ascending).
+
+    Both sorts are stable, so entries equal in (priority, uid) (repeated uids) keep their input order: the order is
+    total whatever the uids, and a quota can never be exceeded by ties."""
+    by_uid = torch.argsort(uids, stable=True)
+    return by_uid[torch.argsort(priority[by_uid], descending=True, stable=True)]
+
+
+# A top-k of a long vector is cut first to the entries at or above a threshold read off a strided sample (a few
+# passes instead of a full top-k); the cut is checked to leave at least k entries, else a full top-k decides.
+_SAMPLE = 16384
+
+
+def _sampled_cut(priority: torch.Tensor, eligible: Optional[torch.Tensor], k: int,
+                 num_eligible: int) -> Optional[torch.Tensor]:
+    """The (eligible) entries of 1-D ``priority`` at or above a threshold read off a strided sample, as a bool
+    mask, when they are at least ``k``; None when the vector is short (a top-k is cheaper) or the cut leaves fewer."""
+    n = priority.numel()
+    if n <= 16 * k or n <= 4 * _SAMPLE:
+        return None
+    stride = n // _SAMPLE
+    sample = priority[::stride] if eligible is None else priority[::stride][eligible[::stride]]
+    expected = k * sample.numel() / max(num_eligible, 1)  # the sample's share of the top k
+    # 10% and four standard deviations above the expected share: the cut rarely leaves fewer than k entries
+    rank = int(1.1 * expected + 4.0 * math.sqrt(expected) + 8)
+    if not 0 < rank <= sample.numel():
+        return None
+    above = priority >= torch.topk(sample, rank, sorted=False).values.min()
+    if eligible is not None:
+        above.logical_and_(eligible)
+    return above if int(torch.count_nonzero(above)) >= k else None
+
+
+def local_offer(priority: torch.Tensor, positions: torch.Tensor, uids: torch.Tensor, k: int) -> Offer:
+    """The :class:`Offer` of this rank's candidates: ``priority`` and ``positions`` (1-D) of its eligible tokens
+    only (padding is often half of a step, and a top-k over it is wasted work); ``uids`` the step's token uids,
+    flat, read only at the candidates that can matter."""
+    if priority.numel() > k:  # only the entries that can matter (ties at the cut included), before the exact sort
+        above = _sampled_cut(priority, None, k, priority.numel())
+        if above is None:
+            above = priority >= torch.topk(priority, k, sorted=False).values.min()
+        keep = above.nonzero().squeeze(1)
+        priority, positions = priority.index_select(0, keep), positions.index_select(0, keep)
+    uids = uids.index_select(0, positions)
+    order = _lexicographic_order(priority.to(torch.float64), uids)[:k]
+    top_p = priority.to(torch.float64).index_select(0, order)
+    top_u, top_pos = uids.index_select(0, order), positions.index_select(0, order)
+    pad = k - top_p.numel()
+    if pad:
+        full = lambda value, dtype: torch.full((pad,), value, dtype=dtype, device=top_p.device)  # noqa: E731
+        top_p = torch.cat([top_p, full(float("-inf"), torch.float64)])
+        top_u = torch.cat([top_u, full(_INT64_MAX, torch.int64)])
+        top_pos = torch.cat([top_pos, full(-1, torch.int64)])
+    return Offer(top_p, top_u, top_pos)
+
+
+def masked_offer(priority: torch.Tensor, eligible: torch.Tensor, uids: torch.Tensor, k: int,
+                 num_eligible: Optional[int] = None) -> Offer:
+    """The :class:`Offer` of step-shaped ``priority`` (finite on ``eligible`` tokens) without compacting the step:
+    a cut read off a sample of the eligible tokens, then the few candidates at or above it (listing every valid
+    token, or a step-sized copy, costs more than the passes this takes). ``num_eligible``: their count, if known."""
+    flat, ok = priority.reshape(-1), eligible.reshape(-1)
+    if num_eligible is None:
+        num_eligible = int(torch.count_nonzero(ok))
+    above = _sampled_cut(flat, ok, k, num_eligible)
+    keep = (ok if above is None else above).nonzero().squeeze(1)
+    return local_offer(flat.index_select(0, keep), keep, uids.reshape(-1), k)
+
+
+def merge_offers(offer: Offer, k: int, groups: GroupsLike = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first ``k`` entries of the whole token group, on every rank, from each rank's :class:`Offer`: one
+    all-gather of ``k`` (priority, uid) pairs per rank (none in one process). Returns ``(priorities, uids, mine)``;
+    ``mine`` (bool) marks the entries this rank offered.
+
+    Entries equal in (priority, uid), possible only when uids repeat, are ordered by token-group rank, then by flat
+    position on their rank: the order stays total, so the readers below take exactly ``k``."""
+    g = as_groups(groups)
+    if g.token_world_size == 1:
+        return offer.priority, offer.uids, torch.ones(k, dtype=torch.bool, device=offer.priority.device)
+    # Both as int64 bit patterns, in one tensor.
+    packed = torch.stack([offer.priority.view(torch.int64), offer.uids]).reshape(1, 2, k)
+    gathered = g.token_all_gather(packed)
+    top_p, top_u = gathered[:, 0, :].reshape(-1).view(torch.float64), gathered[:, 1, :].reshape(-1)
+    order = _lexicographic_order(top_p, top_u)[:k]  # gathered in rank order; stable sorts keep it in ties
+    return top_p[order], top_u[order], order // k == g.token_rank
+
+
+def merged_top_k(
+    priority: torch.Tensor, uids: torch.Tensor, eligible: torch.Tensor, k: int, groups: GroupsLike = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first ``k`` eligible entries of the whole token group under (priority desc, uid asc), on every rank:
+    ``(priorities as float64, uids, mine)`` (:func:`merge_offers`), padded with ``(-inf, INT64_MAX)`` when fewer
+    are eligible. One all-gather of ``k`` (priority, uid) pairs per rank; ``k`` must be the same on every rank."""
+    index = eligible.reshape(-1).nonzero().squeeze(1)
+    offer = local_offer(priority.reshape(-1).index_select(0, index), index, uids.reshape(-1), k)
+    return merge_offers(offer, k, groups)
+
+
+def _tied_share(top_p: torch.Tensor, top_u: torch.Tensor, top_mine: torch.Tensor) -> int:
+    """How many of the merged first ``k`` (already cut) equal the ``k``-th in (priority, uid) and are this rank's:
+    one at most with unique uids; with repeated uids this rank takes that many of its tied tokens."""
+    last_p, last_u = top_p[-1], top_u[-1]
+    return int((top_mine & (top_p == last_p) & (top_u == last_u) & (top_p > float("-inf"))).sum())
+
+
+def chosen_from_offer(offer: Offer, top_p: torch.Tensor, top_u: torch.Tensor, top_mine: torch.Tensor, k: int, shape,
+                      *, with_threshold: bool = False):
+    """:func:`distributed_top_k`'s answer from this rank's :class:`Offer` and the merged top-``K`` (``K >= k``,
+    the offer of at least ``k``): the tokens of this rank among the group's first ``k`` are among its own first
+    ``k``, so the offer holds them, and the mask is written at their positions (O(k), not O(tokens))."""
+    top_p, top_u, top_mine = top_p[:k], top_u[:k], top_mine[:k]
+    chosen = int((top_p > float("-inf")).sum())  # padding entries are -inf
+    threshold_p, threshold_u = top_p[k - 1], top_u[k - 1]
+    at = (offer.priority == threshold_p) & (offer.uids == threshold_u) & (offer.positions >= 0)
+    at &= at.cumsum(0) <= _tied_share(top_p, top_u, top_mine)  # the offer lists ties in flat order
+    pick = (offer.priority > threshold_p) | ((offer.priority == threshold_p) & (offer.uids < threshold_u)) | at
+    pick &= offer.positions >= 0
+    mask = torch.zeros(shape, dtype=torch.bool, device=offer.priority.device)
+    mask.view(-1)[offer.positions[pick]] = True
+    if with_threshold:
+        return mask, chosen, float(top_p[chosen - 1]) if chosen else None
+    return mask, chosen
+
+
+def distributed_top_k(
+    priority: torch.Tensor, uids: torch.Tensor, eligible: torch.Tensor, k: int, groups: GroupsLike = None, *,
+    with_threshold: bool = False,
+):
+    """The ``k`` eligible tokens of the whole token group ranked first by (priority desc, uid asc), and how many
+    were chosen over the group (``k``, or fewer when fewer are eligible): ``(mask, count)``. With
+    ``with_threshold``, also the lowest chosen priority (the same float on every rank; None if none was chosen):
+    ``(mask, count, threshold)``, e.g. a quantile's value.
+
+    ``k`` must be the same on every rank. One all-gather of ``k`` (priority, uid) pairs per rank.
+    """
+    top = merged_top_k(priority, uids, eligible, k, groups)
+    return chosen_from_merged(priority, uids, eligible, *top, k, with_threshold=with_threshold)
+
+
+def chosen_from_merged(
+    priority: torch.Tensor, uids: torch.Tensor, eligible: torch.Tensor, top_p: torch.Tensor, top_u: torch.Tensor,
+    top_mine: torch.Tensor, k: int, *, with_threshold: bool = False,
+):
+    """:func:`distributed_top_k` from a :func:`merged_top_k` answer of at least ``k`` entries: the first ``k`` of a
+    merged top-``K`` (``K >= k``) are the merged top-``k`` (one total order), so a longer answer serves a shorter
+    question without another collective."""
+    top_p, top_u, top_mine = top_p[:k], top_u[:k], top_mine[:k]
+    chosen = int((top_p > float("-inf")).sum())  # padding entries are -inf
+    # Priorities came from this dtype exactly, so comparing in it is exact.
+    threshold_p, threshold_u = top_p[k - 1].to(priority.dtype), top_u[k - 1]
+    above = (priority > threshold_p) | ((priority == threshold_p) & (uids < threshold_u))
+    at = eligible & (priority == threshold_p) & (uids == threshold_u)
+    at = at & (at.reshape(-1).cumsum(0) <= _tied_share(top_p, top_u, top_mine)).reshape(at.shape)
+    if with_threshold:
+        return eligible & (above | at), chosen, float(top_p[chosen - 1]) if chosen else None
+    return eligible & (above | at), chosen
+
+
+def selection_quota(ratio: float, num_valid_tokens: int) -> int:
+    """``max(1, int(N * ratio))``: the reference's quota (same expression, same float rounding)."""
+    return max(1, int(num_valid_tokens * ratio))
