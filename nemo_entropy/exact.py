@@ -5,8 +5,9 @@ The reference implementation selects per micro-batch per GPU, so its selected se
 size and GPU count (README, "Selection scope"). Here ``scope: batch`` selects over every valid token of an optimizer
 step, on every rank of the token-holding group, and the result is *bit-identical* whatever the layout:
 
-1. **Exact means.** Means of log-prob and advantage are computed from fixed-point int64 sums (values rounded to
-   multiples of 2**-20, so the mean is exact to ~1e-6 and, above all, independent of summation order). One
+1. **Exact means.** Means of log-prob and advantage are computed from fixed-point int64 sums (each value in two
+   limbs, rounded to a multiple of 2**-40, so the mean is exact to ~1e-12 and, above all, independent of summation
+   order). One
    all-reduce of ``[count, sum l, sum A, sum pA]`` over the token group. A floating-point all-reduce would give
    different last bits for different layouts and could flip a near-tie in the top-k.
 2. **Scores** are then elementwise functions of per-token values and those shared means: identical everywhere.
