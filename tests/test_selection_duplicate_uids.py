@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from nemo_entropy.config import loss_config
-from nemo_entropy.selection import distributed_top_k, select_tokens, selection_quota
+from nemo_entropy.exact import distributed_top_k, selection_quota
+from nemo_entropy.selection import select_tokens
 
 from .distributed import run_distributed
 

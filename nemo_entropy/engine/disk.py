@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .run_folder import EngineExit
+from .errors import EngineExit
 
 
 class DiskError(EngineExit):

@@ -10,11 +10,13 @@ Pre-emption ends every rank with :data:`REQUEUE_EXIT_CODE` (SystemExit), after t
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any, Optional
 
 import torch
@@ -96,14 +98,10 @@ def _die_with_parent(parent_pid: int) -> None:
     """A spawned worker never outlives its launcher: SIGKILL when the parent dies (Linux ``PR_SET_PDEATHSIG``),
     else a thread that watches the parent pid."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
             raise OSError(ctypes.get_errno(), "prctl")
     except (OSError, AttributeError):
-        import time
-
         def watch() -> None:
             while os.getppid() == parent_pid:
                 time.sleep(1.0)

@@ -20,6 +20,9 @@ import os
 import socket
 from typing import Any, Iterable, Optional
 
+from .disk import atomic_write_text, disk_errors
+from .errors import EngineExit
+
 LOCK_FILE = "run.lock"
 WORKERS_LOCK_FILE = "run.workers.lock"
 CONFIG_FILE = "run_config.json"
@@ -32,12 +35,6 @@ SAFE_RESUME_CHANGES = frozenset({
     "checkpointing.keep_top_k", "engine.threads_per_process", "engine.warm_start.cache_dir",
     "engine.pass_at_k.num_problems", "engine.pass_at_k.num_samples", "engine.pass_at_k.temperature",
 })
-
-
-class EngineExit(RuntimeError):
-    """A run that stops with one line for the user and an exit code (refused, interrupted, disk error)."""
-
-    exit_code = 1
 
 
 class RunRefused(EngineExit):
@@ -81,8 +78,6 @@ class RunFolderLock:
         self._fds: list[int] = []
 
     def acquire(self) -> "RunFolderLock":
-        from .disk import disk_errors
-
         with disk_errors(self.folder, "logger.log_dir"):
             os.makedirs(self.folder, exist_ok=True)
             fd = _try_flock(self.path, fcntl.LOCK_EX)
@@ -167,8 +162,6 @@ def check_resume_config(folder: str, current: dict, allowed: Iterable[str]) -> b
 
 def remember_config(folder: str, config: dict) -> str:
     """Write ``run_config.json`` (write-new-then-rename)."""
-    from .disk import atomic_write_text
-
     path = os.path.join(folder, CONFIG_FILE)
     atomic_write_text(path, json.dumps(config, indent=2, default=str, sort_keys=True) + "\n", key="logger.log_dir")
     return path

@@ -14,6 +14,8 @@ import difflib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+import yaml
+
 # Keys the local engine reads outside its own ``engine`` section and ``loss_fn`` (nemo_entropy.engine.settings).
 LOCAL_KEYS = frozenset({
     "backend",
@@ -38,8 +40,6 @@ class ConfigFileError(ValueError):
 
 def config_file_error(err: BaseException) -> Optional[ConfigFileError]:
     """One line ``file:line:column: problem`` for a YAML error anywhere in ``err``'s cause chain, else None."""
-    import yaml
-
     seen = err
     while seen is not None:
         if isinstance(seen, yaml.MarkedYAMLError):
@@ -55,8 +55,6 @@ def config_file_error(err: BaseException) -> Optional[ConfigFileError]:
 
 def check_config_file(directory: Path, config_name: str) -> None:
     """Refuse an empty (or comments-only) primary config file, which would otherwise read as ``backend=None``."""
-    import yaml
-
     path = Path(directory) / f"{config_name}.yaml"
     try:
         content = yaml.safe_load(path.read_text())

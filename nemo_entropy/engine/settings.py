@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional
 
 from nemo_entropy.config import LossConfig, loss_config, to_plain
 
+from .run_folder import SAFE_RESUME_CHANGES
 from .task import build_task, task_settings
 
 # NeMo-RL's loss_fn section may carry keys our loss does not take (e.g. added by newer NeMo-RL releases);
@@ -256,8 +257,6 @@ class EngineSettings:
 
 
 def _resume_allow_changes(value: Any) -> tuple[str, ...]:
-    from .run_folder import SAFE_RESUME_CHANGES
-
     if isinstance(value, str) or not isinstance(value, (list, tuple)) or any(
             k not in SAFE_RESUME_CHANGES for k in value):
         raise _bad("engine.resume_allow_changes", value,

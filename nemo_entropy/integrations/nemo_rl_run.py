@@ -35,9 +35,10 @@ from typing import Any, Callable, Mapping, Optional
 
 from ..config import LossConfig, to_plain
 from ..controls import ControlSet
-from .step_plan import StepPlanPolicy
+from .megatron import parallel_layout
 from .nemo_rl import EntropyControlLossFn, loss_config_from_nemo_rl
 from .nemo_rl_options import NemoRLOptions
+from .step_plan import StepPlanPolicy
 
 __all__ = [
     "NemoRLOptions",
@@ -246,8 +247,6 @@ def merge_onto_nemo_rl(plain: Mapping[str, Any], nemo_rl_module: Any, grpo_modul
     """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
-
-    from .megatron import parallel_layout
 
     section = dict(plain["nemo_rl"])
     root = _nemo_rl_root(section, nemo_rl_module)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ..train import NemoRLUnavailable, load_run_config, prepare_nemo_rl_run
 from . import batch_keys
 from .nemo_rl import EntropyControlLossFn
 from .nemo_rl_run import REQUIRED_ENTRY_PARAMETERS, TRAINING_ENTRIES, install
@@ -281,8 +282,6 @@ def _check_dataset_names(config_name: str, merged: dict) -> None:
 def check_run_config(ctx: dict) -> str:
     """The user's run config, composed, merged onto NeMo-RL's base config and resolved by the very function the run
     entry uses (:func:`nemo_entropy.train.prepare_nemo_rl_run`), then validated as NeMo-RL's ``MasterConfig``."""
-    from ..train import NemoRLUnavailable, load_run_config, prepare_nemo_rl_run
-
     name = ctx["config_name"]
     try:
         _, plain, loss, layout = load_run_config(name, ctx["overrides"], ctx.get("config_dir"))
