@@ -5,9 +5,9 @@ The reference implementation selects per micro-batch per GPU, so its selected se
 size and GPU count (README, "Selection scope"). Here ``scope: batch`` selects over every valid token of an optimizer
 step, on every rank of the token-holding group, and the result is *bit-identical* whatever the layout:
 
-1. **Exact means.** Means of log-prob and advantage are computed from fixed-point int64 sums (each value in two
-   limbs, rounded to a multiple of 2**-40, so the mean is exact to ~1e-12 and, above all, independent of summation
-   order). One
+1. **Exact means.** Means of log-prob and advantage are computed from fixed-point int64 sums (values rounded to
+   multiples of 2**-20, or 2**-40 in two limbs when the step's diagnostics need them, so the mean is exact to ~1e-6
+   and, above all, independent of summation order). One
    all-reduce of ``[count, sum l, sum A, sum pA]`` over the token group. A floating-point all-reduce would give
    different last bits for different layouts and could flip a near-tie in the top-k.
 2. **Scores** are then elementwise functions of per-token values and those shared means: identical everywhere.
@@ -27,7 +27,7 @@ selects, from these primitives, is the control's business (``nemo_entropy.contro
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -54,12 +54,12 @@ __all__ = [
     "work_tensor",
 ]
 
-# Fixed-point scale of the exact sums: two limbs of 20 bits, a resolution of 2**-40 of a log-prob or advantage. One
-# limb (2**-20) was not enough: an advantage is the same on every token of a response, so its rounding error adds
-# up over the response instead of averaging out, and the diagnostics' total covariance (sum l A - N mean l mean A)
-# cancels most of its terms; together they lost 5 digits of it on real batches. The high limb's int64 sums stay
-# exact while sum(|x|) over the whole batch < 2**43 (e.g. 1e9 tokens with |x| < 8000); the low limb is at most
-# 2**19 a token.
+# Fixed-point scale of the exact sums: one limb of 20 bits (2**-20 ~ 1e-6 of a log-prob or advantage) for the means
+# the scores use, two (2**-40) for the diagnostics. One limb is not enough there: an advantage is the same on every
+# token of a response, so its rounding error adds up over the response instead of averaging out, and the total
+# covariance (sum l A - N mean l mean A) cancels most of its terms; together they lost 5 digits of it on real
+# batches. The high limb's int64 sums stay exact while sum(|x|) over the whole batch < 2**43 (e.g. 1e9 tokens with
+# |x| < 8000); the low limb is at most 2**19 a token.
 _FIXED_POINT_BITS = 20
 _INT64_MAX = torch.iinfo(torch.int64).max
 _MASK64 = (1 << 64) - 1
@@ -134,10 +134,10 @@ def work_tensor(scratch: Optional[dict], shape, dtype, device, slot: str = "") -
 
 
 def _fixed_point_sum(values: torch.Tensor, mask: Optional[torch.Tensor], world_size: int,
-                     scratch: Optional[dict] = None) -> tuple[torch.Tensor, int]:
-    """Exact int64 sums of ``values`` over valid tokens in two limbs, ``[sum of the multiples of 2**-20, sum of the
-    remainders in multiples of 2**-40]`` (each value rounded to a multiple of 2**-40), and a problem code (0 fine,
-    1 NaN/inf on a valid token, 2 too large for exact sums).
+                     scratch: Optional[dict] = None, limbs: int = 1) -> tuple[torch.Tensor, int]:
+    """Exact int64 sums of ``values`` over valid tokens, ``[sum of the multiples of 2**-20, sum of the remainders in
+    multiples of 2**-40]`` (each value rounded to a multiple of 2**-40; with ``limbs=1`` to a multiple of 2**-20, and
+    the second sum is 0), and a problem code (0 fine, 1 NaN/inf on a valid token, 2 too large for exact sums).
 
     Problems are *returned*, not raised: the caller folds them into the all-reduce so that every rank raises
     together instead of one rank raising while the others wait in the collective.
@@ -160,9 +160,12 @@ def _fixed_point_sum(values: torch.Tensor, mask: Optional[torch.Tensor], world_s
         torch.mul(source.to(work_dtype), scale, out=q)
     if mask is not None:  # else already compacted (or zero) where masked; padding may hold NaN or -inf
         torch.where(mask, q, torch.zeros((), dtype=work_dtype, device=q.device), out=q)
-    high = torch.round(q, out=work_tensor(scratch, source.shape, work_dtype, source.device, "high"))
-    # q - high is exact in q's format (a number minus its nearest integer); scaled again, the low limb.
-    q.sub_(high).mul_(scale).round_()
+    if limbs == 1:
+        high = q.round_()
+    else:
+        high = torch.round(q, out=work_tensor(scratch, source.shape, work_dtype, source.device, "high"))
+        # q - high is exact in q's format (a number minus its nearest integer); scaled again, the low limb.
+        q.sub_(high).mul_(scale).round_()
     low_min, high_max = torch.aminmax(high)
     max_abs = float(torch.maximum(-low_min, high_max))  # NaN and inf propagate
     if not max_abs < float("inf"):
@@ -172,7 +175,7 @@ def _fixed_point_sum(values: torch.Tensor, mask: Optional[torch.Tensor], world_s
     if bound >= 2.0**62:
         return zero, 2
     # |low| <= 2**19 a token: its float64 sum is exact while the group holds fewer than 2**34 tokens.
-    low_sum = q.sum(dtype=torch.float64).to(torch.int64)
+    low_sum = zero[1] if limbs == 1 else q.sum(dtype=torch.float64).to(torch.int64)
     if bound < 2.0**53:
         # Every partial sum is an integer below 2**53, which float64 adds exactly in any order: the int64 sum,
         # without an int64 copy of the tokens.
@@ -188,6 +191,7 @@ def exact_group_sums(
     *,
     local_error: Optional[Exception] = None,
     scratch: Optional[dict] = None,
+    limbs: int | Sequence[int] = 1,
 ) -> tuple[list[int], list[torch.Tensor]]:
     """Integer ``counts`` and exact fixed-point sums of ``values`` over the whole token group, in ONE all-reduce.
 
@@ -198,8 +202,13 @@ def exact_group_sums(
     (the rank then contributes zeros), NaN or inf on a valid token, magnitudes too large for exact sums.
     Counts of ranks cannot wrap, whatever the group size.
 
-    Returns ``(counts, sums)``: Python ints, and float64 scalars (the exact sums, identical on every rank).
-    ``scratch``: a dict that keeps the work tensor, for the caller to reuse (:func:`work_tensor`).
+    Returns ``(counts, sums)``: Python ints, and float64 scalars (the exact sums, identical on every rank); with
+    ``limbs=2`` each sum is a pair ``[one limb's sum, two limbs' sum]``, so a caller whose selection must not depend
+    on the precision asked for reads the first.
+    ``scratch``: a dict that keeps the work tensor, for the caller to reuse (:func:`work_tensor`). ``limbs`` (one for
+    all values, or one per value): 1 rounds each value to a multiple of 2**-20 (enough for the means that the scores
+    use); 2 to 2**-40, for sums whose difference cancels most of their digits (the diagnostics' total covariance),
+    at about twice the cost.
     """
     g = as_groups(groups)
     world = g.token_world_size
@@ -211,9 +220,10 @@ def exact_group_sums(
     local_counts = [zero if local_error is not None else c.to(torch.int64).reshape(()) for c in counts]
     sums, non_finite, overflow = [], [], 0
     scratch = {} if scratch is None else scratch
-    for _, tensor in values:
+    per_value = [limbs] * len(values) if isinstance(limbs, int) else list(limbs)
+    for (_, tensor), value_limbs in zip(values, per_value):
         total, problem = ((torch.zeros(2, dtype=torch.int64, device=device), 0) if local_error is not None
-                          else _fixed_point_sum(tensor, mask, world, scratch))
+                          else _fixed_point_sum(tensor, mask, world, scratch, value_limbs))
         sums.append(total)
         non_finite.append(int(problem == 1))
         overflow = max(overflow, int(problem == 2))
@@ -238,9 +248,13 @@ def exact_group_sums(
                                  f"{ranks(1 + index)}")
         raise ValueError("per-token values are too large for the exact fixed-point sums (max |value| x tokens x "
                          f"world must stay below 2**42) on token-group rank(s) {ranks(len(problems) - 1)}")
-    limbs = total[n_counts:n_counts + n_values].reshape(-1, 2).double()
+    parts = total[n_counts:n_counts + n_values].reshape(-1, 2).double()
     scale = float(1 << _FIXED_POINT_BITS)
-    return [int(c) for c in total[:n_counts].tolist()], list((limbs[:, 0] + limbs[:, 1] / scale) / scale)
+    coarse = parts[:, 0] / scale  # the high limbs alone: what one limb gives, whatever ``limbs``
+    if per_value == [1] * len(values):
+        return [int(c) for c in total[:n_counts].tolist()], list(coarse)
+    precise = (parts[:, 0] + parts[:, 1] / scale) / scale
+    return [int(c) for c in total[:n_counts].tolist()], list(torch.stack([coarse, precise], 1))
 
 
 def covariance_inputs(logprobs: torch.Tensor, advantages: torch.Tensor, form: str) -> list[tuple[str, torch.Tensor]]:

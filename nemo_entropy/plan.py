@@ -218,6 +218,12 @@ def _local_inputs(inputs: StepInputs, needs: frozenset[str], groups) -> tuple[Op
         return None, err
 
 
+def _diagnostic_limbs(values) -> list[int]:
+    """Two limbs for the sums the total covariance ``sum l X - N mean_l mean_X`` is made of (it cancels most of their
+    digits), one for the others (Theorem 1's ``sum p A`` and ``sum l p A`` cancel far less)."""
+    return [2, 2] + [1] * (len(values) - 5) + [2, 1, 1]
+
+
 def build_step_plan(
     config: LossConfig,
     inputs: StepInputs,
@@ -252,8 +258,12 @@ def build_step_plan(
     if diagnose:
         values += diagnostic_inputs(old, adv, values[1][1], ok, empty)
     scratch: dict = {}
+    # The diagnostics' total covariance cancels most of its digits: their sums (and the means they use) in two limbs.
+    # The scores always use the one-limb means, so the selection is the same with the diagnostics on or off.
     (n_tokens, n_seqs), sums = exact_group_sums(counts, values, mask, groups, local_error=local_error,
-                                                scratch=scratch)
+                                                scratch=scratch, limbs=_diagnostic_limbs(values) if diagnose else 1)
+    precise = [s[1] for s in sums] if diagnose else sums
+    sums = [s[0] for s in sums] if diagnose else sums
     denom = float(max(n_tokens, 1))
     mean_l, mean_x = sums[0] / denom, sums[1] / denom
     entropy_mean = float(sums[2] / denom) if "old_entropy" in needs else None
@@ -271,7 +281,8 @@ def build_step_plan(
                       score_top=score_top, num_local_tokens=int(counts[0]))
     plan_values = {control.name: control.plan(ctx) for control in controls}
     if diagnose:
-        plan_values[DIAGNOSTICS] = covariance_diagnostics(score_top, n_tokens, mean_l, mean_x, sums[-3:])
+        plan_values[DIAGNOSTICS] = covariance_diagnostics(score_top, n_tokens, precise[0] / denom, precise[1] / denom,
+                                                          precise[-3:])
     return StepPlan(step=step, global_valid_tokens=float(n_tokens), global_valid_seqs=float(n_seqs), scores=scores,
                     values=plan_values)
 
