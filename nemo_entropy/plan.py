@@ -218,12 +218,6 @@ def _local_inputs(inputs: StepInputs, needs: frozenset[str], groups) -> tuple[Op
         return None, err
 
 
-def _diagnostic_limbs(values) -> list[int]:
-    """Two limbs for the sums the total covariance ``sum l X - N mean_l mean_X`` is made of (it cancels most of their
-    digits), one for the others (Theorem 1's ``sum p A`` and ``sum l p A`` cancel far less)."""
-    return [2, 2] + [1] * (len(values) - 5) + [2, 1, 1]
-
-
 def build_step_plan(
     config: LossConfig,
     inputs: StepInputs,
@@ -256,12 +250,14 @@ def build_step_plan(
         values.append(("old_entropy", inputs.old_entropy if ok else empty))
     diagnose = config.covariance_diagnostics and clip_active is None
     if diagnose:
+        # The total covariance sum l X - N mean_l mean_X cancels most of its sums' digits: those three get two limbs
+        # (Theorem 1's sum p A and sum l p A cancel far less).
+        limbs = [2, 2] + [1] * (len(values) - 2) + [2, 1, 1]
         values += diagnostic_inputs(old, adv, values[1][1], ok, empty)
     scratch: dict = {}
-    # The diagnostics' total covariance cancels most of its digits: their sums (and the means they use) in two limbs.
     # The scores always use the one-limb means, so the selection is the same with the diagnostics on or off.
     (n_tokens, n_seqs), sums = exact_group_sums(counts, values, mask, groups, local_error=local_error,
-                                                scratch=scratch, limbs=_diagnostic_limbs(values) if diagnose else 1)
+                                                scratch=scratch, limbs=limbs if diagnose else 1)
     precise = [s[1] for s in sums] if diagnose else sums
     sums = [s[0] for s in sums] if diagnose else sums
     denom = float(max(n_tokens, 1))

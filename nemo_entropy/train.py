@@ -187,7 +187,7 @@ def run_nemo_rl(run, plain: dict) -> int:
     out_dir = Path(plain["logger"]["log_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     merged_path = out_dir / "nemo_rl_config.yaml"
-    OmegaConf.save(run.config, merged_path)
+    OmegaConf.save(OmegaConf.create(run.plain), merged_path)
     install(grpo, run.options)
     print(f"[nemo-entropy] running {run.script} --config {merged_path}", flush=True)
     argv = sys.argv

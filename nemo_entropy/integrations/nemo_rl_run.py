@@ -209,11 +209,9 @@ def _check_controls_inputs(config: Mapping[str, Any], options: NemoRLOptions) ->
 class NemoRLRunConfig:
     """What the run entry hands NeMo-RL: its base config with ours merged on top, resolved and validated."""
 
-    root: Path            # the NeMo-RL checkout
-    script: Path          # examples/run_grpo.py
-    base_config: Path     # nemo_rl.base_config
-    config: Any           # OmegaConf DictConfig, resolved (what nemo_rl_config.yaml holds)
-    plain: dict           # the same as plain containers (what run_grpo.py validates as MasterConfig)
+    script: Path          # the checkout's examples/run_grpo.py
+    plain: dict           # the merged config, resolved, as plain containers (validated as MasterConfig; what
+                          # nemo_rl_config.yaml holds)
     options: dict         # our nemo_rl: section
 
 
@@ -284,8 +282,7 @@ def merge_onto_nemo_rl(plain: Mapping[str, Any], nemo_rl_module: Any, grpo_modul
             master_config(**merged_plain)
         except Exception as err:  # pydantic's ValidationError: name every field it rejects
             raise ValueError(f"NeMo-RL's MasterConfig rejects the merged config: {err}") from err
-    return NemoRLRunConfig(root=root, script=script, base_config=base, config=OmegaConf.create(merged_plain),
-                           plain=merged_plain, options=section)
+    return NemoRLRunConfig(script=script, plain=merged_plain, options=section)
 
 
 # ----------------------------------------------------------------------------------------------- wrapping
