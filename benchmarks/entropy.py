@@ -140,7 +140,7 @@ def naive(logits, targets):
 def _init_megatron(device):
     import torch.distributed as dist  # benchmark-local set-up of a one-process group for megatron-core
 
-    from tests.distributed import free_port
+    from tests.support.distributed import free_port
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

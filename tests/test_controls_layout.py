@@ -19,8 +19,8 @@ from nemo_entropy.losses import accumulate_metrics, metric_reduction, policy_los
 from nemo_entropy.parallel import ParallelGroups
 from nemo_entropy.plan import StepInputs, build_step_plan
 
-from .controls_oracle import step_batch
-from .distributed import run_distributed
+from .support.controls_oracle import step_batch
+from .support.distributed import run_distributed
 
 BATCH, LENGTH, STEP = 16, 24, 9
 MICRO_BATCH_SIZES = (1, 3, 8)

@@ -21,7 +21,7 @@ from nemo_entropy.entropy import (
 from nemo_entropy.entropy import build, dispatch
 from nemo_entropy.entropy.reference import ReferenceBackend
 from nemo_entropy.entropy.vocab_parallel import ShardStats
-from tests.entropy_oracle import GRAD_TOL, VALUE_ATOL, VALUE_RTOL, assert_close, oracle
+from tests.support.entropy_oracle import GRAD_TOL, VALUE_ATOL, VALUE_RTOL, assert_close, oracle
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

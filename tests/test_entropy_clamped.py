@@ -11,8 +11,8 @@ import torch
 from nemo_entropy.entropy import vocab_parallel_clamped_entropy, vocab_parallel_entropy
 from nemo_entropy.entropy.clamped import float_keys, kept_count
 
-from .distributed import run_distributed_many
-from .entropy_controls import clamped_entropy64
+from .support.distributed import run_distributed_many
+from .support.entropy_controls import clamped_entropy64
 
 
 def _reference(logits, clamp, vocab_size, g):

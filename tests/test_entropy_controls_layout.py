@@ -18,8 +18,8 @@ from nemo_entropy.config import loss_config
 from nemo_entropy.controls import ControlSet
 from nemo_entropy.parallel import ParallelGroups
 
-from .distributed import run_distributed
-from .entropy_controls import our_loss, plan_step, step_batch
+from .support.distributed import run_distributed
+from .support.entropy_controls import our_loss, plan_step, step_batch
 
 BATCH, LENGTH, VOCAB, WIDTH = 16, 8, 11, 12  # VOCAB padded to WIDTH for TP 2 (shards of 6; the last column is pad)
 STEPS = 2  # the second plan depends on the state the first step left

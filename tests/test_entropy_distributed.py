@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from nemo_entropy.entropy import build
-from tests.distributed import run_distributed_many
-from tests.entropy_oracle import GRAD_TOL, VALUE_ATOL, VALUE_RTOL, assert_close, oracle
+from tests.support.distributed import run_distributed_many
+from tests.support.entropy_oracle import GRAD_TOL, VALUE_ATOL, VALUE_RTOL, assert_close, oracle
 
 WORLD = 4
 # The unsharded and TP results differ only in fp32 summation order and in where the rescaling to the

@@ -28,7 +28,7 @@ CASES = [
 
 
 def _grad_tol(dtype):
-    from tests.entropy_oracle import GRAD_TOL
+    from tests.support.entropy_oracle import GRAD_TOL
 
     rtol, atol = GRAD_TOL[dtype]
     # The interpreter casts fp32 -> bfloat16 by truncation (triton/runtime/interpreter.py, cast_impl with
@@ -42,7 +42,7 @@ def _check_all() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "must run with TRITON_INTERPRET=1"
     from nemo_entropy.entropy import dispatch, vocab_parallel_entropy_and_logprobs
     from nemo_entropy.entropy.triton_kernels import TritonBackend
-    from tests.entropy_oracle import VALUE_ATOL, VALUE_RTOL, assert_close, oracle
+    from tests.support.entropy_oracle import VALUE_ATOL, VALUE_RTOL, assert_close, oracle
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for rows, width, vocab_size, block in CASES:

@@ -18,7 +18,7 @@ from nemo_entropy.config import loss_config
 from nemo_entropy.integrations import EntropyControlLossFn, attach_step_plans, plan_in_worker
 from nemo_entropy.parallel import ParallelGroups
 from nemo_entropy.integrations.batch_keys import plan_from_batch
-from tests.distributed import run_distributed
+from tests.support.distributed import run_distributed
 
 TP, DP, PP = 2, 2, 2
 BATCH, LENGTH, GBS = 16, 24, 8  # 2 optimizer steps of 8 samples; each DP rank holds 4 samples per step

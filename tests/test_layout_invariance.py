@@ -14,7 +14,7 @@ from nemo_entropy.parallel import ParallelGroups
 from nemo_entropy.plan import StepInputs, build_step_plan
 from nemo_entropy.selection import select_tokens, token_uids_for
 
-from .distributed import run_distributed
+from .support.distributed import run_distributed
 
 BATCH, LENGTH = 16, 48
 CONFIGS = [

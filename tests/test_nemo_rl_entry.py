@@ -1,4 +1,4 @@
-"""The NeMo-RL run entry against a stand-in of NeMo-RL's modules (tests/nemo_rl_standin, both generations).
+"""The NeMo-RL run entry against a stand-in of NeMo-RL's modules (tests/fixtures/nemo_rl_standin, both generations).
 
 NeMo-RL is not installable in CI; the stand-in models the interfaces the entry relies on (pydantic
 ``MasterConfig`` and dataclass ``GRPOSaveState`` of main, the dict forms of v0.6, the async and data-plane
@@ -31,9 +31,9 @@ from nemo_entropy.integrations import StepPlanPolicy, EntropyControlLossFn, batc
 from nemo_entropy.integrations.nemo_rl_run import check_nemo_rl_run_config, install, save_state_counter
 from nemo_entropy.integrations.batch_keys import plan_from_batch
 from nemo_entropy.selection import select_tokens, token_uids_for
-from tests.distributed import run_distributed
+from tests.support.distributed import run_distributed
 
-STANDIN = Path(__file__).resolve().parent / "nemo_rl_standin"
+STANDIN = Path(__file__).resolve().parent / "fixtures" / "nemo_rl_standin"
 CONF = Path(__file__).resolve().parent.parent / "conf"
 REPO = Path(__file__).resolve().parent.parent
 SMALL = [  # a 2-GPU layout and a small rollout: 16 samples, 2 optimizer steps of 8, DP 2 x micro-batch 2

@@ -8,7 +8,7 @@ from nemo_entropy.config import loss_config
 from nemo_entropy.parallel import ParallelGroups, as_groups, as_tp_group
 from nemo_entropy.selection import select_tokens, token_uids_for
 
-from .distributed import run_distributed_many
+from .support.distributed import run_distributed_many
 
 BATCH, LENGTH = 8, 32
 

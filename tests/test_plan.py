@@ -26,7 +26,7 @@ from nemo_entropy.integrations.batch_keys import plan_from_batch, plan_to_batch
 from nemo_entropy.plan import StepInputs, build_step_plan, default_token_uids
 from nemo_entropy.exact import covariance_scores, exact_group_sums, selection_quota, token_uids_for
 
-from .distributed import run_distributed_many
+from .support.distributed import run_distributed_many
 
 KL_COV = {"method": "kl_cov", "kl_cov_ratio": 0.05}
 KL_COV_SHARED = {"method": "kl_cov", "kl_cov_ratio": 0.01}  # k within the diagnostics' top 2%: no own all-gather

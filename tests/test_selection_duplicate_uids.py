@@ -13,7 +13,7 @@ from nemo_entropy.config import loss_config
 from nemo_entropy.exact import distributed_top_k, selection_quota
 from nemo_entropy.selection import select_tokens
 
-from .distributed import run_distributed
+from .support.distributed import run_distributed
 
 CLIP_COV = {"method": "clip_cov", "clip_cov_ratio": 0.05, "clip_cov_lb": -100, "clip_cov_ub": 100}
 KL_COV = {"method": "kl_cov", "kl_cov_ratio": 0.05}

@@ -10,7 +10,7 @@ import torch
 from nemo_entropy.config import loss_config
 from nemo_entropy.controls import ControlSet
 
-from .entropy_controls import (check_resume_continues_exactly, entropy64, our_loss, plan_step, reference_loss,
+from ..support.entropy_controls import (check_resume_continues_exactly, entropy64, our_loss, plan_step, reference_loss,
                               run_stateful, step_batch)
 
 BASE = {"method": "adaptive_entropy", "entropy_coef": 0.25, "entropy_coef_delta": 0.05, "entropy_coef_min": 0.1,

@@ -10,7 +10,7 @@ import torch
 from nemo_entropy.config import loss_config
 from nemo_entropy.controls import ControlSet
 
-from .entropy_controls import (check_resume_continues_exactly, clamped_entropy64, entropy64, normalise64, our_loss,
+from ..support.entropy_controls import (check_resume_continues_exactly, clamped_entropy64, entropy64, normalise64, our_loss,
                               plan_step, reference_loss, run_stateful, step_batch)
 
 BASE = {"method": "aent", "aent_coef": 0.2, "aent_clamp": 0.3, "aent_entropy_low": 0.9, "aent_entropy_high": 1.2,

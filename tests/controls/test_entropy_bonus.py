@@ -10,7 +10,7 @@ import torch
 from nemo_entropy.config import loss_config
 from nemo_entropy.controls import ControlSet
 
-from .entropy_controls import entropy64, normalise64, our_loss, plan_step, reference_loss, step_batch
+from ..support.entropy_controls import entropy64, normalise64, our_loss, plan_step, reference_loss, step_batch
 
 
 @pytest.mark.parametrize("token_level", [True, False])

@@ -12,7 +12,7 @@ import torch
 from nemo_entropy.config import loss_config
 from nemo_entropy.controls import ControlSet
 
-from .entropy_controls import (check_resume_continues_exactly, mean_old_entropy, our_loss, plan_step, reference_loss,
+from ..support.entropy_controls import (check_resume_continues_exactly, mean_old_entropy, our_loss, plan_step, reference_loss,
                               run_stateful, step_batch)
 
 BASE = {"method": "entropy_pi", "entropy_pi_target": 1.2, "entropy_pi_kp": 1.0, "entropy_pi_ki": 0.01}

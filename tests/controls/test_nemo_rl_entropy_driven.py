@@ -17,8 +17,8 @@ from nemo_entropy.controls import ControlSet
 from nemo_entropy.integrations import EntropyControlLossFn, attach_step_plans, batch_keys
 from nemo_entropy.integrations.batch_keys import plan_from_batch
 
-from .entropy_controls import clamped_entropy64, clipped_surrogate64, entropy64
-from .test_integrations_nemo_rl import B, D, _batch, _counts, _slice
+from ..support.entropy_controls import clamped_entropy64, clipped_surrogate64, entropy64
+from ..test_integrations_nemo_rl import B, D, _batch, _counts, _slice
 
 CONFIGS = {
     "entropy_bonus": {"method": "entropy_bonus", "entropy_coef": 0.3},

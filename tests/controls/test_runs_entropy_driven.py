@@ -15,7 +15,7 @@ from nemo_entropy.engine import run_local, validate_engine_config
 from nemo_entropy.engine.checkpoint import latest_complete_checkpoint
 from nemo_entropy.train import compose_config
 
-from .test_engine import _crash_at, _Killed, read, tiny_overrides, without_timing
+from ..test_engine import _crash_at, _Killed, read, tiny_overrides, without_timing
 
 CONTROLS = {  # name -> (a key of its local config, the metrics it logs)
     "entropy_bonus": ("entropy_coef", ("entropy_loss", "entropy_coef")),

@@ -1,6 +1,6 @@
 """Each weighting control runs from its local config (a short engine run) and from a NeMo-RL config (the paper's 32B
 baseline with ``loss_fn.method=<name>`` plus what the control needs, dry-run); top-entropy also end to end through the
-NeMo-RL stand-in (tests/nemo_rl_standin), where the driver's extra eval pass supplies the old entropy."""
+NeMo-RL stand-in (tests/fixtures/nemo_rl_standin), where the driver's extra eval pass supplies the old entropy."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from nemo_entropy.integrations import batch_keys
 from nemo_entropy.integrations.batch_keys import plan_from_batch
 from nemo_entropy.selection import token_uids_for
 
-STANDIN = Path(__file__).resolve().parent / "nemo_rl_standin"
+STANDIN = Path(__file__).resolve().parent.parent / "fixtures" / "nemo_rl_standin"
 # name -> (extra dry-run overrides on grpo_32b_baseline, the control's metrics in a local run)
 CONTROLS = {
     "top_entropy": ([], ("top_entropy_threshold", "top_entropy_kept_fraction")),

@@ -1,7 +1,7 @@
 """``top_entropy`` (nemo_entropy/controls/top_entropy.py) against a brute-force sort and a float64 loss written here.
 
 Layout invariance (1 vs 4 gloo processes, a rank without valid tokens, micro-batch sizes) is in
-tests/test_controls_layout.py; the local-config and NeMo-RL dry-runs in tests/test_controls_runs.py.
+tests/test_layout_invariance.py; the local-config and NeMo-RL dry-runs in tests/controls/test_runs_weighting.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from nemo_entropy.integrations import EntropyControlLossFn, attach_step_plans
 from nemo_entropy.losses import policy_loss
 from nemo_entropy.plan import StepInputs, build_step_plan
 
-from .controls_oracle import D, nemo_rl_batch, nemo_rl_mask, ppo_clipped, run_adapter, step_batch, token_mean
+from ..support.controls_oracle import D, nemo_rl_batch, nemo_rl_mask, ppo_clipped, run_adapter, step_batch, token_mean
 
 
 def brute_force_kept(entropy: torch.Tensor, mask: torch.Tensor, uids: torch.Tensor, quantile: str) -> torch.Tensor:

@@ -10,7 +10,7 @@ from nemo_entropy.config import loss_config
 from nemo_entropy.integrations import EntropyControlLossFn, attach_step_plans
 from nemo_entropy.losses import policy_loss
 
-from .controls_oracle import D, nemo_rl_batch, nemo_rl_mask, ppo_clipped, run_adapter, step_batch, token_mean
+from ..support.controls_oracle import D, nemo_rl_batch, nemo_rl_mask, ppo_clipped, run_adapter, step_batch, token_mean
 
 
 def token_level_advantages(seed: int):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from nemo_entropy.entropy import dispatch, vocab_parallel_entropy_and_logprobs
-from tests.entropy_oracle import GRAD_TOL, VALUE_ATOL, VALUE_RTOL, assert_close, oracle
+from tests.support.entropy_oracle import GRAD_TOL, VALUE_ATOL, VALUE_RTOL, assert_close, oracle
 from tests.gpu.devices import BACKENDS, DEVICE, REHEARSAL, ROLES
 
 pytestmark = pytest.mark.cuda

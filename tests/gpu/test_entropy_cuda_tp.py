@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed import run_distributed_many
-from tests.entropy_oracle import GRAD_TOL, VALUE_ATOL, VALUE_RTOL, assert_close, oracle
+from tests.support.distributed import run_distributed_many
+from tests.support.entropy_oracle import GRAD_TOL, VALUE_ATOL, VALUE_RTOL, assert_close, oracle
 from tests.gpu.devices import BACKENDS, DEVICE, DIST_BACKEND, REHEARSAL, ROLES
 
 pytestmark = pytest.mark.cuda

@@ -1,4 +1,4 @@
-"""What the tests of the controls (tests/test_controls_*.py) share: a step's worth of synthetic tokens, NeMo-RL-shaped
+"""What the tests of the controls (tests/controls/) share: a step's worth of synthetic tokens, NeMo-RL-shaped
 batches, PPO's clipped surrogate in float64 written from its formula (independent of nemo_entropy.losses), and the
 adapter driven the way NeMo-RL's training loop drives it (optimizer steps x micro-batches, summed)."""
 
