@@ -3,7 +3,8 @@
     python -m nemo_entropy.train [--config-name NAME] [--config-dir DIR] [--dry-run] [hydra overrides...]
 
 1. Composes ``conf/NAME.yaml`` with Hydra's compose API and plain Hydra overrides
-   (``loss_fn.kl_cov_ratio=0.002 cluster.num_nodes=8``; ``+new.key=v`` / ``++key=v`` add keys).
+   (``loss_fn.kl_cov_ratio=0.002 cluster.num_nodes=8``; ``+new.key=v`` / ``++key=v`` add keys), on top of every
+   ``loss_fn`` default from the config dataclasses (:mod:`nemo_entropy.compose`).
 2. Validates it: ``loss_fn`` through :func:`nemo_entropy.config.loss_config`, the parallel layout
    (``world = TP x PP x CP x DP``, batch divisibility), the ``nemo_rl`` section, and for ``backend: local``
    the engine section (``nemo_entropy.engine.validate_engine_config``). Errors name the key and value.
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .compose import compose_config, default_config_dir
 from .engine import run_local, validate_engine_config
 from .engine.run_folder import EngineExit
 from .engine.schema import check_added_keys, check_config_file, config_file_error
@@ -50,39 +52,6 @@ NEMO_RL_MISSING = (
     "On Slurm, NeMo-RL's ray.sub runs that command on the Ray head (see docs/nemo_rl.md). To try the controls "
     "without NeMo-RL, add +preset=local_tiny (the embedded CPU engine)."
 )
-
-
-# ----------------------------------------------------------------------------------------------- compose
-def default_config_dir() -> Path:
-    """``$NEMO_ENTROPY_CONF_DIR``, else the ``conf/`` folder next to the package (a source checkout)."""
-    env = os.environ.get("NEMO_ENTROPY_CONF_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "conf"
-
-
-def compose_config(config_name: str, overrides: Sequence[str] = (), config_dir: Optional[os.PathLike] = None):
-    """Compose ``config_name`` from ``config_dir`` with Hydra overrides; returns an OmegaConf ``DictConfig``.
-
-    Raises ``ValueError`` naming the config, the override or the key when Hydra rejects them.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    directory = Path(config_dir) if config_dir is not None else default_config_dir()
-    if not directory.is_dir():
-        raise ValueError(f"--config-dir {str(directory)!r} is not a directory (set NEMO_ENTROPY_CONF_DIR or pass it)")
-    if not (directory / f"{config_name}.yaml").is_file():
-        names = sorted(p.stem for p in directory.glob("*.yaml"))
-        raise ValueError(f"--config-name {config_name!r}: no {config_name}.yaml in {directory}; available: {names}")
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(directory.resolve()), version_base=None):
-            return compose(config_name=config_name, overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ValueError(f"config {config_name!r} with overrides {list(overrides)}: {err}") from err
-    finally:
-        GlobalHydra.instance().clear()
 
 
 # ----------------------------------------------------------------------------------------------- validate

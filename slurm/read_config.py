@@ -44,9 +44,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def compose(config_dir: str, config_name: str, overrides: list[str]) -> Any:
     """Compose ``config_name`` from ``config_dir`` exactly as the trainer will: through
-    ``nemo_entropy.train.compose_config`` when the plugin is importable, else Hydra's compose API."""
+    ``nemo_entropy.compose.compose_config`` when the plugin is importable, else Hydra's compose API."""
     try:
-        from nemo_entropy.train import compose_config
+        from nemo_entropy.compose import compose_config
     except ImportError:
         compose_config = None
     if compose_config is not None:

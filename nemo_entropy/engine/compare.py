@@ -26,8 +26,7 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from nemo_entropy.train import compose_config
-
+from ..compose import compose_config
 from .intervals import mean_interval
 from .launch import run_local
 from .metrics import read_metrics
