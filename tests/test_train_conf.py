@@ -113,3 +113,26 @@ def test_missing_nemo_rl_gives_one_clear_error(capsys, monkeypatch):
 def test_preset_local_tiny_turns_a_32b_config_into_a_local_run(capsys):
     assert train.main(["--config-name", "grpo_32b_kl_cov", "+preset=local_tiny", "--dry-run"]) == 0
     assert "# layout: local:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("base", ["local_base", "grpo_base"])
+def test_the_bases_hold_only_deviations_and_the_composed_loss_fn_is_complete(base):
+    """Every loss_fn default lives in the config dataclasses: a base restates none of them (``method``, the base's
+    choice of control, excepted), and composing fills in every key with its default."""
+    import yaml
+
+    from nemo_entropy.compose import loss_fn_defaults
+
+    defaults = loss_fn_defaults()
+    written = yaml.safe_load((CONF / f"{base}.yaml").read_text())["loss_fn"]
+    restated = sorted(k for k, v in written.items() if k != "method" and k in defaults and v == defaults[k])
+    assert not restated, f"conf/{base}.yaml restates the defaults of {restated}"
+    plain, loss, _ = _validated(base)
+    assert set(plain["loss_fn"]) == set(defaults)
+    for key, value in defaults.items():
+        assert plain["loss_fn"][key] == written.get(key, value), key
+
+
+def test_a_plain_override_reaches_a_loss_key_no_yaml_names():
+    plain, loss, _ = _validated("grpo_7b_kl_cov", ["loss_fn.entropy_coef=0.25", "loss_fn.log_ratio_clamp=10"])
+    assert plain["loss_fn"]["entropy_coef"] == 0.25 and loss.entropy_coef == 0.25 and loss.log_ratio_clamp == 10.0
