@@ -1,9 +1,12 @@
 """The paper's covariance diagnostics of an optimizer step, exact over the token group (``covariance_diagnostics``).
 
-The plan (:func:`nemo_entropy.plan.build_step_plan`) adds three exact sums to its one all-reduce
-(:func:`diagnostic_inputs`) and one all-gather of the top 2% of the covariance scores (:func:`concentration_top_k`);
-:func:`covariance_diagnostics` turns them into the step's values, which the loss reports as token shares under
-the plan's :data:`DIAGNOSTICS` entry. ``nemo_entropy.law.concentration`` reads runs with the same quota rule.
+The plan (:func:`nemo_entropy.plan.build_step_plan`) computes them from what it already has: after its one
+all-reduce (the exact means) and the covariance scores ``c_i``, each rank sums, exactly in fixed point, its ``c_i``
+(whose total is the step's covariance, ``sum l X - N mean l mean X`` without that form's cancellation) and
+``(l_i - mean l) p_i A_i`` (Theorem 1's covariance), and those two sums ride the all-gather of the top 2% of the
+scores (:func:`concentration_top_k`): no other collective, no second pass over the step for the sums of the
+means. :func:`covariance_diagnostics` turns them into the step's values, which the loss reports as token shares
+under the plan's :data:`DIAGNOSTICS` entry. ``nemo_entropy.law.concentration`` reads runs with the same quota rule.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from .exact import Offer, masked_offer, merge_offers, selection_quota
+from .exact import (FIXED_POINT_BITS, Offer, fixed_point_sum, masked_offer, merge_offers, selection_quota,
+                    too_large_message, work_tensor)
 
-__all__ = ["DIAGNOSTICS", "CONCENTRATION_FRACTIONS", "ScoreTop", "diagnostic_inputs", "concentration_top_k", "fraction_tag",
+__all__ = ["DIAGNOSTICS", "CONCENTRATION_FRACTIONS", "ScoreTop", "local_diagnostic_sums", "concentration_top_k", "fraction_tag",
            "concentration_sums", "covariance_diagnostics", "diagnostic_metric_names"]
 
 DIAGNOSTICS = "diagnostics"
@@ -23,19 +27,23 @@ CONCENTRATION_FRACTIONS = (0.0002, 0.002, 0.02)
 """The fractions of the covariance-concentration diagnostics (the paper's 0.02%, and 0.2%, 2%)."""
 
 
-def diagnostic_inputs(old_logprobs: torch.Tensor, advantages: torch.Tensor, x: torch.Tensor, ok: bool,
-                      empty: torch.Tensor) -> list[tuple[str, Any]]:
-    """The extra exact sums of the diagnostics, for the plan's one all-reduce: ``sum l X`` (the total covariance)
-    and, for Theorem 1's form, ``sum p A`` and ``sum l p A`` (``empty`` tensors when this rank's inputs are bad).
-    Products are passed as pairs of factors: :func:`~nemo_entropy.exact.exact_group_sums` multiplies them in its
-    work tensor instead of a fresh step-sized one."""
-    if not ok:
-        return [("logprobs x covariance input", empty), ("exp(logprobs) x advantages", empty),
-                ("logprobs x exp(logprobs) x advantages", empty)]
+def local_diagnostic_sums(scores: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                          mask: torch.Tensor, mean_l: torch.Tensor, world_size: int,
+                          scratch: Optional[dict] = None) -> torch.Tensor:
+    """This rank's exact fixed-point sums ``[sum c_i, sum (l_i - mean l) p_i A_i]`` (int64, units of 2**-20) and
+    its problem flags ``[NaN or inf, too large]``, for the all-gather of :func:`concentration_top_k`.
+
+    ``scores`` are 0 on masked tokens. Both sums are elementwise functions of per-token values and the exact mean,
+    so every layout sums the same integers. The work tensors are ``scratch``'s (slots ``diagnostics``)."""
+    sum_c, problem_c = fixed_point_sum(scores, None, world_size, scratch, slot="diagnostics")
+    # p A (l - mean l), in place in the work tensor the first sum is done with, which the second sums in place
     l = old_logprobs.detach().float()
-    pa = torch.exp(l).mul_(advantages.detach().float())
-    return [("logprobs x covariance input", (l, x.detach().float())), ("exp(logprobs) x advantages", pa),
-            ("logprobs x exp(logprobs) x advantages", (l, pa))]
+    d = torch.exp(l, out=work_tensor(scratch, l.shape, torch.float32, l.device, "diagnostics"))
+    d.mul_(advantages.detach().float()).mul_(
+        torch.sub(l, mean_l.float(), out=work_tensor(scratch, l.shape, torch.float32, l.device, "diagnostics l")))
+    sum_d, problem_d = fixed_point_sum(d, mask, world_size, scratch, slot="diagnostics")
+    flags = [int(1 in (problem_c, problem_d)), int(2 in (problem_c, problem_d))]
+    return torch.cat([torch.stack([sum_c, sum_d]), torch.tensor(flags, dtype=torch.int64, device=sum_c.device)])
 
 
 class ScoreTop(NamedTuple):
@@ -47,18 +55,30 @@ class ScoreTop(NamedTuple):
     uids: torch.Tensor
     mine: torch.Tensor
     """bool: the merged entries this rank offered (ties of repeated uids are split by rank)."""
+    sums: Optional[torch.Tensor] = None
+    """float64 ``[sum c_i, sum (l_i - mean l) p_i A_i]`` over the token group (:func:`local_diagnostic_sums`)."""
 
 
 def concentration_top_k(scores: torch.Tensor, mask: torch.Tensor, uids: torch.Tensor, n_tokens: int,
-                        n_local: Optional[int], groups) -> Optional[ScoreTop]:
+                        n_local: Optional[int], groups, local_sums: torch.Tensor) -> Optional[ScoreTop]:
     """The top 2% of the step's covariance scores over its valid tokens (``n_tokens`` over the group, ``n_local``
-    here; one all-gather), or None when the step has no valid token (agreed by every rank: nobody enters the
-    all-gather)."""
+    here) and the group's diagnostic sums from every rank's ``local_sums`` (:func:`local_diagnostic_sums`), in one
+    all-gather; None when the step has no valid token (agreed by every rank: nobody enters the all-gather).
+    Problems flagged by any rank make every rank raise, after the all-gather."""
     if n_tokens == 0:
         return None
     k = selection_quota(max(CONCENTRATION_FRACTIONS), n_tokens)
     offer = masked_offer(scores, mask, uids, k, n_local)
-    return ScoreTop(offer, *merge_offers(offer, k, groups))
+    top_p, top_u, mine, every_rank = merge_offers(offer, k, groups, extra=local_sums)
+    for column, problem in ((2, "NaN or inf"), (3, "too large")):
+        ranks = every_rank[:, column].nonzero().reshape(-1).tolist()
+        if ranks and problem == "NaN or inf":
+            raise ValueError(f"the covariance diagnostics' per-token values have NaN or inf on token-group rank(s) "
+                             f"{ranks}")
+        if ranks:
+            raise ValueError(too_large_message(ranks))
+    sums = every_rank[:, :2].sum(0).double() / float(1 << FIXED_POINT_BITS)
+    return ScoreTop(offer, top_p, top_u, mine, sums)
 
 
 def fraction_tag(fraction: float) -> str:
@@ -78,9 +98,9 @@ def concentration_sums(top: torch.Tensor, n: int, fractions=CONCENTRATION_FRACTI
     return out
 
 
-def covariance_diagnostics(top, n_tokens, mean_l, mean_x, sums) -> dict[str, float]:
-    """The paper's diagnostics of one step, exact over the token group, from the plan's sums and ``top``, the
-    merged top 2% of the scores (:func:`concentration_top_k`).
+def covariance_diagnostics(top: Optional[ScoreTop], n_tokens: int) -> dict[str, float]:
+    """The paper's diagnostics of one step, exact over the token group, from ``top``, the merged top 2% of the
+    scores and the group's sums (:func:`concentration_top_k`).
 
     * ``cov_top_<p>pct_share`` / ``_mean``: the share of the step's total covariance ``sum c_i`` held by the top
       ``max(1, floor(f N))`` tokens by score (f = 0.02%, 0.2%, 2%; 0 when the total is 0), and their mean;
@@ -91,15 +111,14 @@ def covariance_diagnostics(top, n_tokens, mean_l, mean_x, sums) -> dict[str, flo
     """
     if top is None:
         return {}
-    sum_lx, sum_pa, sum_lpa = (float(t) for t in sums)
+    total, theorem_1 = (float(t) for t in top.sums)
     n = float(n_tokens)
-    total = sum_lx - n * float(mean_l) * float(mean_x)
     out = {"cov_overall_mean": total / n}
     for fraction, k, top_sum in concentration_sums(top.priority, n_tokens):
         tag = fraction_tag(fraction)
         out[f"cov_top_{tag}_share"] = top_sum / total if total != 0.0 else 0.0
         out[f"cov_top_{tag}_mean"] = top_sum / k
-    out["entropy_change_predicted"] = -(sum_lpa / n - float(mean_l) * sum_pa / n)
+    out["entropy_change_predicted"] = -theorem_1 / n
     return out
 
 

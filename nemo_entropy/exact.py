@@ -6,9 +6,8 @@ size and GPU count (README, "Selection scope"). Here ``scope: batch`` selects ov
 step, on every rank of the token-holding group, and the result is *bit-identical* whatever the layout:
 
 1. **Exact means.** Means of log-prob and advantage are computed from fixed-point int64 sums (values rounded to
-   multiples of 2**-20, or 2**-40 in two limbs when the step's diagnostics need them, so the mean is exact to ~1e-6
-   and, above all, independent of summation order). One
-   all-reduce of ``[count, sum l, sum A, sum pA]`` over the token group. A floating-point all-reduce would give
+   multiples of 2**-20, so the mean is exact to ~1e-6 and, above all, independent of summation order). One
+   all-reduce of ``[count, sum l, sum A]`` over the token group. A floating-point all-reduce would give
    different last bits for different layouts and could flip a near-tie in the top-k.
 2. **Scores** are then elementwise functions of per-token values and those shared means: identical everywhere.
 3. **Exact distributed top-k** under a total order (priority descending, token uid ascending): each rank offers
@@ -27,7 +26,7 @@ selects, from these primitives, is the control's business (``nemo_entropy.contro
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -44,6 +43,9 @@ __all__ = [
     "chosen_from_offer",
     "chosen_from_merged",
     "exact_group_sums",
+    "fixed_point_sum",
+    "FIXED_POINT_BITS",
+    "too_large_message",
     "scores_from_means",
     "selection_quota",
     "hash_keys",
@@ -54,13 +56,9 @@ __all__ = [
     "work_tensor",
 ]
 
-# Fixed-point scale of the exact sums: one limb of 20 bits (2**-20 ~ 1e-6 of a log-prob or advantage) for the means
-# the scores use, two (2**-40) for the diagnostics. One limb is not enough there: an advantage is the same on every
-# token of a response, so its rounding error adds up over the response instead of averaging out, and the total
-# covariance (sum l A - N mean l mean A) cancels most of its terms; together they lost 5 digits of it on real
-# batches. The high limb's int64 sums stay exact while sum(|x|) over the whole batch < 2**43 (e.g. 1e9 tokens with
-# |x| < 8000); the low limb is at most 2**19 a token.
-_FIXED_POINT_BITS = 20
+# Fixed-point scale of the exact sums: 2**-20 (~1e-6 of a log-prob or advantage). The int64 sums stay exact while
+# max |x| x tokens x world < 2**42 (checked, on every rank together).
+FIXED_POINT_BITS = 20
 _INT64_MAX = torch.iinfo(torch.int64).max
 _MASK64 = (1 << 64) - 1
 
@@ -133,26 +131,26 @@ def work_tensor(scratch: Optional[dict], shape, dtype, device, slot: str = "") -
     return tensor
 
 
-def _fixed_point_sum(values: torch.Tensor, mask: Optional[torch.Tensor], world_size: int,
-                     scratch: Optional[dict] = None, limbs: int = 1) -> tuple[torch.Tensor, int]:
-    """Exact int64 sums of ``values`` over valid tokens, ``[sum of the multiples of 2**-20, sum of the remainders in
-    multiples of 2**-40]`` (each value rounded to a multiple of 2**-40; with ``limbs=1`` to a multiple of 2**-20, and
-    the second sum is 0), and a problem code (0 fine, 1 NaN/inf on a valid token, 2 too large for exact sums).
+def fixed_point_sum(values, mask: Optional[torch.Tensor], world_size: int, scratch: Optional[dict] = None,
+                    slot: str = "") -> tuple[torch.Tensor, int]:
+    """The exact int64 sum of ``values`` over valid tokens, each value rounded to a multiple of 2**-20 (an int64
+    scalar in units of 2**-20), and a problem code (0 fine, 1 NaN/inf on a valid token, 2 too large for exact sums).
+    ``values``: a tensor, or a pair of tensors whose product is summed (formed in the work tensor).
 
-    Problems are *returned*, not raised: the caller folds them into the all-reduce so that every rank raises
+    Problems are *returned*, not raised: the caller folds them into a collective so that every rank raises
     together instead of one rank raising while the others wait in the collective.
     Scaling by a power of two and rounding to an integer are exact in the input's own float format, so fp32
-    inputs never need an fp64 copy. The work happens in place in one tensor, which ``scratch`` keeps across the
-    calls of one :func:`exact_group_sums` (a fresh step-sized tensor costs its page faults on every call).
+    inputs never need an fp64 copy. The work happens in place in one tensor, which ``scratch`` keeps under
+    ``slot`` across calls (a fresh step-sized tensor costs its page faults on every call).
     """
     factors = [t.detach() for t in (values if isinstance(values, tuple) else (values,))]
     source = factors[0]
     work_dtype = torch.float64 if all(t.dtype == torch.float64 for t in factors) else torch.float32
-    zero = torch.zeros(2, dtype=torch.int64, device=source.device)
+    zero = torch.zeros((), dtype=torch.int64, device=source.device)
     if source.numel() == 0:
         return zero, 0
-    scale = float(1 << _FIXED_POINT_BITS)
-    q = work_tensor(scratch, source.shape, work_dtype, source.device)
+    scale = float(1 << FIXED_POINT_BITS)
+    q = work_tensor(scratch, source.shape, work_dtype, source.device, slot)
     if len(factors) == 2:  # a product, formed in the work tensor (same rounding as a fresh one)
         torch.mul(factors[0].to(work_dtype), factors[1].to(work_dtype), out=q)
         q.mul_(scale)
@@ -160,27 +158,25 @@ def _fixed_point_sum(values: torch.Tensor, mask: Optional[torch.Tensor], world_s
         torch.mul(source.to(work_dtype), scale, out=q)
     if mask is not None:  # else already compacted (or zero) where masked; padding may hold NaN or -inf
         torch.where(mask, q, torch.zeros((), dtype=work_dtype, device=q.device), out=q)
-    if limbs == 1:
-        high = q.round_()
-    else:
-        high = torch.round(q, out=work_tensor(scratch, source.shape, work_dtype, source.device, "high"))
-        # q - high is exact in q's format (a number minus its nearest integer); scaled again, the low limb.
-        q.sub_(high).mul_(scale).round_()
-    low_min, high_max = torch.aminmax(high)
-    max_abs = float(torch.maximum(-low_min, high_max))  # NaN and inf propagate
+    q.round_()
+    low, high = torch.aminmax(q)
+    max_abs = float(torch.maximum(-low, high))  # NaN and inf propagate
     if not max_abs < float("inf"):
         return zero, 1
-    # Overflow guard (no per-token host copy): the group's sum of |high| must stay below 2**62.
+    # Overflow guard (no per-token host copy): the group's sum of |values| must stay below 2**62.
     bound = max_abs * float(q.numel()) * world_size
     if bound >= 2.0**62:
         return zero, 2
-    # |low| <= 2**19 a token: its float64 sum is exact while the group holds fewer than 2**34 tokens.
-    low_sum = zero[1] if limbs == 1 else q.sum(dtype=torch.float64).to(torch.int64)
     if bound < 2.0**53:
         # Every partial sum is an integer below 2**53, which float64 adds exactly in any order: the int64 sum,
         # without an int64 copy of the tokens.
-        return torch.stack([high.sum(dtype=torch.float64).to(torch.int64), low_sum]), 0
-    return torch.stack([high.to(torch.int64).sum(), low_sum]), 0
+        return q.sum(dtype=torch.float64).to(torch.int64), 0
+    return q.to(torch.int64).sum(), 0
+
+
+def too_large_message(ranks) -> str:
+    return ("per-token values are too large for the exact fixed-point sums (max |value| x tokens x world must stay "
+            f"below 2**42) on token-group rank(s) {ranks}")
 
 
 def exact_group_sums(
@@ -191,7 +187,6 @@ def exact_group_sums(
     *,
     local_error: Optional[Exception] = None,
     scratch: Optional[dict] = None,
-    limbs: int | Sequence[int] = 1,
 ) -> tuple[list[int], list[torch.Tensor]]:
     """Integer ``counts`` and exact fixed-point sums of ``values`` over the whole token group, in ONE all-reduce.
 
@@ -202,13 +197,8 @@ def exact_group_sums(
     (the rank then contributes zeros), NaN or inf on a valid token, magnitudes too large for exact sums.
     Counts of ranks cannot wrap, whatever the group size.
 
-    Returns ``(counts, sums)``: Python ints, and float64 scalars (the exact sums, identical on every rank); with
-    ``limbs=2`` each sum is a pair ``[one limb's sum, two limbs' sum]``, so a caller whose selection must not depend
-    on the precision asked for reads the first.
-    ``scratch``: a dict that keeps the work tensor, for the caller to reuse (:func:`work_tensor`). ``limbs`` (one for
-    all values, or one per value): 1 rounds each value to a multiple of 2**-20 (enough for the means that the scores
-    use); 2 to 2**-40, for sums whose difference cancels most of their digits (the diagnostics' total covariance),
-    at about twice the cost.
+    Returns ``(counts, sums)``: Python ints, and float64 scalars (the exact sums, identical on every rank).
+    ``scratch``: a dict that keeps the work tensor, for the caller to reuse (:func:`work_tensor`).
     """
     g = as_groups(groups)
     world = g.token_world_size
@@ -220,18 +210,18 @@ def exact_group_sums(
     local_counts = [zero if local_error is not None else c.to(torch.int64).reshape(()) for c in counts]
     sums, non_finite, overflow = [], [], 0
     scratch = {} if scratch is None else scratch
-    per_value = [limbs] * len(values) if isinstance(limbs, int) else list(limbs)
-    for (_, tensor), value_limbs in zip(values, per_value):
-        total, problem = ((torch.zeros(2, dtype=torch.int64, device=device), 0) if local_error is not None
-                          else _fixed_point_sum(tensor, mask, world, scratch, value_limbs))
+    for _, tensor in values:
+        total, problem = ((zero, 0) if local_error is not None
+                          else fixed_point_sum(tensor, mask, world, scratch))
         sums.append(total)
         non_finite.append(int(problem == 1))
         overflow = max(overflow, int(problem == 2))
     flags = [int(local_error is not None), *non_finite, overflow]
-    local = torch.cat([torch.stack(local_counts) if local_counts else torch.zeros(0, dtype=torch.int64, device=device),
-                       *sums, torch.tensor(flags, dtype=torch.int64, device=device)])
+    local = torch.cat([torch.stack(local_counts + sums) if local_counts or sums
+                       else torch.zeros(0, dtype=torch.int64, device=device),
+                       torch.tensor(flags, dtype=torch.int64, device=device)])
     total = g.token_all_reduce_sum(local)
-    n_counts, n_values = len(counts), 2 * len(values)  # two limbs per value
+    n_counts, n_values = len(counts), len(values)
     problems = total[n_counts + n_values:].tolist()
     if any(problems):
         # Every rank saw the same totals, so every rank is here: one more collective names the ranks.
@@ -246,15 +236,10 @@ def exact_group_sums(
             if problems[1 + index]:
                 raise ValueError(f"{name} have NaN or inf on valid (unmasked) tokens on token-group rank(s) "
                                  f"{ranks(1 + index)}")
-        raise ValueError("per-token values are too large for the exact fixed-point sums (max |value| x tokens x "
-                         f"world must stay below 2**42) on token-group rank(s) {ranks(len(problems) - 1)}")
-    parts = total[n_counts:n_counts + n_values].reshape(-1, 2).double()
-    scale = float(1 << _FIXED_POINT_BITS)
-    coarse = parts[:, 0] / scale  # the high limbs alone: what one limb gives, whatever ``limbs``
-    if per_value == [1] * len(values):
-        return [int(c) for c in total[:n_counts].tolist()], list(coarse)
-    precise = (parts[:, 0] + parts[:, 1] / scale) / scale
-    return [int(c) for c in total[:n_counts].tolist()], list(torch.stack([coarse, precise], 1))
+        raise ValueError(too_large_message(ranks(len(problems) - 1)))
+    scale = float(1 << FIXED_POINT_BITS)
+    return ([int(c) for c in total[:n_counts].tolist()],
+            list(total[n_counts:n_counts + n_values].double() / scale))
 
 
 def covariance_inputs(logprobs: torch.Tensor, advantages: torch.Tensor, form: str) -> list[tuple[str, torch.Tensor]]:
@@ -467,22 +452,27 @@ def masked_offer(priority: torch.Tensor, eligible: torch.Tensor, uids: torch.Ten
     return local_offer(flat.index_select(0, keep), keep, uids.reshape(-1), k)
 
 
-def merge_offers(offer: Offer, k: int, groups: GroupsLike = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def merge_offers(offer: Offer, k: int, groups: GroupsLike = None,
+                 extra: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The first ``k`` entries of the whole token group, on every rank, from each rank's :class:`Offer`: one
     all-gather of ``k`` (priority, uid) pairs per rank (none in one process). Returns ``(priorities, uids, mine)``;
-    ``mine`` (bool) marks the entries this rank offered.
+    ``mine`` (bool) marks the entries this rank offered. ``extra``: a few int64 values of this rank that ride the
+    same all-gather; then the answer has a fourth entry, every rank's ``extra`` (``[world, len(extra)]``, in rank
+    order), e.g. for exact sums that need the means the one all-reduce gave.
 
     Entries equal in (priority, uid), possible only when uids repeat, are ordered by token-group rank, then by flat
     position on their rank: the order stays total, so the readers below take exactly ``k``."""
     g = as_groups(groups)
     if g.token_world_size == 1:
-        return offer.priority, offer.uids, torch.ones(k, dtype=torch.bool, device=offer.priority.device)
-    # Both as int64 bit patterns, in one tensor.
-    packed = torch.stack([offer.priority.view(torch.int64), offer.uids]).reshape(1, 2, k)
-    gathered = g.token_all_gather(packed)
-    top_p, top_u = gathered[:, 0, :].reshape(-1).view(torch.float64), gathered[:, 1, :].reshape(-1)
+        mine = torch.ones(k, dtype=torch.bool, device=offer.priority.device)
+        return (offer.priority, offer.uids, mine) + (() if extra is None else (extra.reshape(1, -1),))
+    # Both as int64 bit patterns, in one tensor, the extra values after them.
+    parts = [offer.priority.view(torch.int64), offer.uids] + ([] if extra is None else [extra.reshape(-1)])
+    gathered = g.token_all_gather(torch.cat(parts).reshape(1, -1))
+    top_p, top_u = gathered[:, :k].reshape(-1).view(torch.float64), gathered[:, k:2 * k].reshape(-1)
     order = _lexicographic_order(top_p, top_u)[:k]  # gathered in rank order; stable sorts keep it in ties
-    return top_p[order], top_u[order], order // k == g.token_rank
+    merged = (top_p[order], top_u[order], order // k == g.token_rank)
+    return merged if extra is None else merged + (gathered[:, 2 * k:],)
 
 
 def merged_top_k(

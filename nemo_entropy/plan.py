@@ -38,7 +38,7 @@ from .covariance_diagnostics import (
     ScoreTop,
     concentration_top_k,
     covariance_diagnostics,
-    diagnostic_inputs,
+    local_diagnostic_sums,
 )
 from .exact import (
     chosen_from_offer,
@@ -249,17 +249,9 @@ def build_step_plan(
     if "old_entropy" in needs:
         values.append(("old_entropy", inputs.old_entropy if ok else empty))
     diagnose = config.covariance_diagnostics and clip_active is None
-    if diagnose:
-        # The total covariance sum l X - N mean_l mean_X cancels most of its sums' digits: those three get two limbs
-        # (Theorem 1's sum p A and sum l p A cancel far less).
-        limbs = [2, 2] + [1] * (len(values) - 2) + [2, 1, 1]
-        values += diagnostic_inputs(old, adv, values[1][1], ok, empty)
     scratch: dict = {}
-    # The scores always use the one-limb means, so the selection is the same with the diagnostics on or off.
     (n_tokens, n_seqs), sums = exact_group_sums(counts, values, mask, groups, local_error=local_error,
-                                                scratch=scratch, limbs=limbs if diagnose else 1)
-    precise = [s[1] for s in sums] if diagnose else sums
-    sums = [s[0] for s in sums] if diagnose else sums
+                                                scratch=scratch)
     denom = float(max(n_tokens, 1))
     mean_l, mean_x = sums[0] / denom, sums[1] / denom
     entropy_mean = float(sums[2] / denom) if "old_entropy" in needs else None
@@ -271,14 +263,18 @@ def build_step_plan(
     else:
         scores = _reference_scores(_zero_masked(old, mask).float(), _zero_masked(adv, mask).float(), mask,
                                    config.cov_form)
-    score_top = concentration_top_k(scores, mask, uids, n_tokens, int(counts[0]), groups) if diagnose else None
+    score_top = None
+    if diagnose and n_tokens:
+        # what the diagnostics sum after the means (the scores among them) rides their all-gather
+        local_sums = local_diagnostic_sums(scores, old, adv, mask, mean_l, as_groups(groups).token_world_size,
+                                           scratch)
+        score_top = concentration_top_k(scores, mask, uids, n_tokens, int(counts[0]), groups, local_sums)
     ctx = StepContext(config, inputs, mask, token_uids=uids, step=step, groups=groups, num_valid_tokens=n_tokens,
                       num_valid_seqs=n_seqs, scores=scores, entropy_mean=entropy_mean, clip_active=clip_active,
                       score_top=score_top, num_local_tokens=int(counts[0]))
     plan_values = {control.name: control.plan(ctx) for control in controls}
     if diagnose:
-        plan_values[DIAGNOSTICS] = covariance_diagnostics(score_top, n_tokens, precise[0] / denom, precise[1] / denom,
-                                                          precise[-3:])
+        plan_values[DIAGNOSTICS] = covariance_diagnostics(score_top, n_tokens)
     return StepPlan(step=step, global_valid_tokens=float(n_tokens), global_valid_seqs=float(n_seqs), scores=scores,
                     values=plan_values)
 
