@@ -90,8 +90,9 @@ def main() -> None:
             lambda: build_step_plan(with_diagnostics, StepInputs(logprobs, adv, mask, uids), step=0),
         ], args.repeats)
         ours_bytes = 6 * 8 + args.world * k * 16  # all-reduce of 6 int64; all-gather of k (score, uid) pairs
-        # + 3 diagnostic sums, + the top 2% for concentration, from which KL-Cov's top-k is read when k <= 2%
-        plan_bytes = 9 * 8 + args.world * (k_diag if k <= k_diag else k + k_diag) * 16
+        # + the top 2% for concentration (from which KL-Cov's top-k is read when k <= 2%), with the diagnostics'
+        # two sums and two flags per rank in the same all-gather
+        plan_bytes = 6 * 8 + args.world * ((k_diag if k <= k_diag else k + k_diag) * 16 + 4 * 8)
         print(f"| {ratio:g} | reference, per micro-batch of 4 | {t_ref * 1e3:.1f} | 1.00 | {n * 8 / 2**20:.1f} MiB "
               f"| 0 (and a different answer) |")
         print(f"| {ratio:g} | ours, exact global (k={k}) | {t_ours * 1e3:.1f} | {r_ours:.2f} | 0 "
