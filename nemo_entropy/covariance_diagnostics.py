@@ -4,14 +4,14 @@ The plan (:func:`nemo_entropy.plan.build_step_plan`) computes them from what it 
 all-reduce (the exact means) and the covariance scores ``c_i``, each rank sums, exactly in fixed point, its ``c_i``
 (whose total is the step's covariance, ``sum l X - N mean l mean X`` without that form's cancellation) and
 ``(l_i - mean l) p_i A_i`` (Theorem 1's covariance), and those two sums ride the all-gather of the top 2% of the
-scores (:func:`concentration_top_k`): no other collective, no second pass over the step for the sums of the
-means. :func:`covariance_diagnostics` turns them into the step's values, which the loss reports as token shares
+scores (:func:`concentration_top_k`): no collective of their own, nothing added to the all-reduce.
+:func:`covariance_diagnostics` turns them into the step's values, which the loss reports as token shares
 under the plan's :data:`DIAGNOSTICS` entry. ``nemo_entropy.law.concentration`` reads runs with the same quota rule.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 

@@ -9,7 +9,8 @@ same order on every rank:
    ``sum l`` and ``sum A`` (or ``sum p A``) for the covariance means, ``sum H`` when a control needs the step's
    mean entropy, and the count of ranks whose inputs are bad (so every rank raises together after it);
 2. with ``covariance_diagnostics``, one all-gather of the top 2% of covariance scores for the concentration
-   diagnostics (:mod:`nemo_entropy.covariance_diagnostics`);
+   diagnostics, with each rank's exact sums of the scores and of Theorem 1's terms
+   (:mod:`nemo_entropy.covariance_diagnostics`);
 3. one all-gather per exact top-k a control asks for (:meth:`StepContext.top_k`), in registry order:
    KL-Cov's top covariance, Clip-Cov's random subset, a top-entropy quantile, ... A top-k of the covariance
    scores over every valid token of at most the diagnostics' 2% (KL-Cov at its ratios) is read from the
