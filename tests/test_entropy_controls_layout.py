@@ -64,6 +64,7 @@ def run_layout(cfg_dict, samples, groups, tp_group=None, tp_rank=0):
                                      vocab_start=shard.start or 0, vocab_size=VOCAB, shard=shard)
             record[mbs] = (loss, grad)
         controls.update(plan)
+        controls.end_rollout()
         record["state"] = controls.state_dict()
         out["steps"].append(record)
     return out

@@ -56,7 +56,7 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
-from .base import Control, ControlConfig, bad_value
+from .base import Control, ControlConfig, bad_value, token_weighted_mean
 
 __all__ = ["EntropyPIConfig", "EntropyPI", "pi_control"]
 
@@ -110,9 +110,10 @@ class EntropyPI(Control):
         error = self.config.entropy_pi_target - float(ctx.entropy_mean) if ctx.num_valid_tokens > 0 else 0.0
         return {"control": pi_control(error, self.integral, self.config), "error": error, "integral": self.integral}
 
-    def update(self, plan) -> None:
-        values = plan.values[self.name]
-        self.integral = float(values["integral"]) + float(values["error"])  # error is 0 for a step without tokens
+    def update(self, records) -> None:
+        error = token_weighted_mean(records, "error")  # target - the recorded steps' exact mean entropy
+        # every record was planned with the same integral; steps without tokens measured nothing
+        self.integral = float(records[0].values["integral"]) + (error if error is not None else 0.0)
 
     # ------------------------------------------------------------------ per micro-batch
     def gated(self, tokens) -> torch.Tensor:
