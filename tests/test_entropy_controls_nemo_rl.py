@@ -81,9 +81,11 @@ def _reference(name, logits, data, rows, gvt):
         term = -0.2 * entropy64(x[:, :-1])  # gate open: the target is far above the batch's entropy
     elif name == "aent":
         term = -0.2 * clamped_entropy64(x[:, :-1], 0.3)
-    else:
+    else:  # EntroPIC's term, a mean over the step's gated tokens (old probability > 0.2), as its authors' code
         u = min(max(3.0 - h_old, -1.0), 1.0)
-        term = torch.where(lp.detach() > math.log(0.2), u * ratio * adv.abs(), torch.zeros_like(lp))
+        gated_all = m_all & (data["prev_logprobs"][:, 1:] > math.log(0.2))
+        gated = gated_all[rows]
+        term = torch.where(gated, u * ratio * adv.abs(), torch.zeros_like(lp)) * (gvt / float(gated_all.sum()))
     m = m_all[rows].to(D)
     loss = ((surrogate + term) * m).sum() / gvt
     loss.backward()

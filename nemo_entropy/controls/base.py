@@ -172,6 +172,18 @@ class Control:
             self.selects_tokens and self.loss_config.scope == "batch")
 
     # ------------------------------------------------------------------ per optimizer step
+    def counted_keys(self) -> dict[str, None]:
+        """The names of the subsets :meth:`counted_tokens` returns (for a rank whose inputs are bad, which still
+        joins the all-reduce with zeros)."""
+        return {}
+
+    def counted_tokens(self, old_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Subsets of this rank's valid tokens (bool ``[batch, length]``, within ``mask``) whose exact counts over the
+        whole step the plan needs: they ride in the plan's one all-reduce and reach :meth:`plan` as
+        ``ctx.counts[name][key] = (tokens, sequences with one)``. ``old_logprobs``: the step's, as given (masked
+        positions may hold anything)."""
+        return {}
+
     def plan(self, ctx) -> dict[str, Any]:
         """Per-step values from ``ctx``, the step's :class:`~nemo_entropy.plan.StepContext`: per-token tensors
         shaped like ``ctx.mask`` and Python scalars."""
