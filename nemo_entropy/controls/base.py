@@ -147,6 +147,11 @@ class Control:
     exclusive: ClassVar[tuple[str, ...]] = ()
     """Exclusive groups: two active controls sharing one cannot be composed (two covariance selections, two
     owners of the surrogate, two entropy bonuses); the config rejects the pair by name."""
+    term_kind: ClassVar[str] = "regulariser"
+    """What the additive term of :meth:`adjust` is (the composition rule, docs/controls.md): ``regulariser`` (a
+    penalty or bonus on the distribution: KL-Cov's ``beta |log r|``, the entropy bonuses), added after every weight,
+    or ``policy_gradient`` (a re-weighting of the policy gradient: EntroPIC's ``u r |A|``), added to the surrogate
+    before the other controls' weights multiply it, so it follows their masks and weights like the surrogate."""
     needs: ClassVar[frozenset[str]] = frozenset()
     """What the control reads: ``old_entropy`` (per-token entropy of the generating policy, in the plan),
     ``entropy`` (the current full-vocabulary entropy with its gradient, per micro-batch: NeMo-RL LOGIT input) and/or
@@ -214,7 +219,8 @@ class Control:
 
     def adjust(self, tokens: TokenBatch, values: Mapping[str, Any],
                surrogate: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """``(weight on the surrogate, additive per-token term)``, each per token or None."""
+        """``(weight on the policy gradient, additive per-token term)``, each per token or None: the weight multiplies
+        the surrogate and every ``policy_gradient`` term; the term is of this control's :attr:`term_kind`."""
         return None, None
 
     def metrics(self, tokens: TokenBatch, values: Mapping[str, Any]) -> dict[str, float]:

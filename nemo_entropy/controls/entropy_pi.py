@@ -113,6 +113,7 @@ class EntropyPI(Control):
     name = "entropy_pi"
     config_class = EntropyPIConfig
     exclusive: ClassVar[tuple[str, ...]] = ("entropy_controller",)
+    term_kind: ClassVar[str] = "policy_gradient"
     needs: ClassVar[frozenset[str]] = frozenset({"old_entropy"})
     needs_ppo_ratio = True
     stateful = True
