@@ -34,6 +34,7 @@ __all__ = ["LossConfig", "loss_config", "NEMO_RL_DEFAULTS", "to_plain"]
 
 SCOPES = ("batch", "microbatch")
 COV_FORMS = ("natural", "vanilla")
+CONTROLLER_UPDATES = ("rollout", "optimizer_step")
 KL_TYPES = ("k1", "k2", "k3")
 TIS_TYPES = ("tis", "icepop", "seq-mask-tis")
 
@@ -43,8 +44,9 @@ class LossConfig:
     """The policy loss. Field docs double as the config reference (see README)."""
 
     # ---- which controls run (ours) ----------------------------------------------------------------
-    method: str = "kl_cov"
-    """The main entropy control: ``ppo`` (none: the clipped surrogate), ``clip_cov`` (detach the gradient of a
+    method: str = "ppo"
+    """The main entropy control (the one default, here): ``ppo`` (none: the clipped surrogate, so a NeMo-RL
+    ``loss_fn:`` section without ``method`` is NeMo-RL's ``ClippedPGLossFn``), ``clip_cov`` (detach the gradient of a
     random subset of high-covariance tokens), ``kl_cov`` (|log-ratio| penalty on the top-covariance tokens), or
     any other name of ``nemo_entropy.controls.REGISTRY``."""
     controls: tuple[str, ...] = ()
@@ -57,6 +59,11 @@ class LossConfig:
     cov_form: str = "natural"
     """``natural``: c = (l - mean l)(A - mean A) (Theorem 2, what the reference uses). ``vanilla``:
     c = (l - mean l)(p A - mean(p A)), p = exp(l) (Theorem 1)."""
+    controller_update: str = "rollout"
+    """When the controllers (``adaptive_entropy``, ``aent``, ``entropy_pi``) move their state: ``rollout`` (once per
+    rollout, from the rollout's token-weighted mean old entropy over its optimizer steps: Skywork-OR1, AReaL's AEnt
+    and EntroPIC's cadence, independent of the optimizer steps per rollout) or ``optimizer_step`` (after every
+    optimizer step, from that step's entropy)."""
     seed: int = 0
     """Seed of the controls' counter-based hash keys (Clip-Cov's random subset, with the step and token uid)."""
     covariance_diagnostics: bool = True
@@ -234,7 +241,8 @@ def _validate(cfg: LossConfig) -> None:
     _check_field_types(cfg)
     for section in cfg.sections.values():
         _validate_section(section)
-    for key, allowed in (("scope", SCOPES), ("cov_form", COV_FORMS), ("reference_policy_kl_type", KL_TYPES)):
+    for key, allowed in (("scope", SCOPES), ("cov_form", COV_FORMS), ("controller_update", CONTROLLER_UPDATES),
+                         ("reference_policy_kl_type", KL_TYPES)):
         if getattr(cfg, key) not in allowed:
             raise bad_value(key, getattr(cfg, key), f"one of {allowed}")
     _validate_composition(cfg)

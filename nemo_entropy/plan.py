@@ -5,7 +5,8 @@ micro-batch, over this rank's share of the step (old log-probs, advantages, mask
 entropy when a control needs it). It issues **every collective of the step, here and only here**, always in the
 same order on every rank:
 
-1. one all-reduce (int64) of the step's counts and exact fixed-point sums: valid tokens, valid sequences,
+1. one all-reduce (int64) of the step's counts and exact fixed-point sums: valid tokens, valid sequences, the
+   tokens and sequences of the subsets a control counts (EntroPIC's high-probability gate),
    ``sum l`` and ``sum A`` (or ``sum p A``) for the covariance means, ``sum H`` when a control needs the step's
    mean entropy, and the count of ranks whose inputs are bad (so every rank raises together after it);
 2. with ``covariance_diagnostics``, one all-gather of the top 2% of covariance scores for the concentration
@@ -107,6 +108,9 @@ class StepContext:
         """Mean old-policy entropy over the step's valid tokens (exact, every rank), when a control needs it."""
         self.clip_active = clip_active
         """``scope: microbatch`` only: tokens the PPO clip already clipped (the reference skips them)."""
+        self.counts: dict[str, dict[str, tuple[int, int]]] = {}
+        """Per control, per subset it asked for (:meth:`~nemo_entropy.controls.Control.counted_tokens`): its
+        ``(valid tokens, sequences with one)`` over the whole step, exact, from the plan's one all-reduce."""
         self._groups = groups
         self._score_top = score_top
         self._num_local_tokens = num_local_tokens
@@ -246,13 +250,19 @@ def build_step_plan(
     empty = torch.zeros(0)
     old, adv = inputs.old_logprobs, inputs.advantages  # padding may hold anything: masked where it is read
     counts = [torch.count_nonzero(mask), rows_with_tokens(mask)] if ok else [torch.tensor(0), torch.tensor(0)]
+    # The controls' own token subsets (EntroPIC's gate): their token and sequence counts ride in the same all-reduce.
+    subsets = [(control.name, key, subset) for control in controls
+               for key, subset in (control.counted_tokens(old, mask).items() if ok else control.counted_keys())]
+    counts += [c for _, _, subset in subsets
+               for c in ((torch.count_nonzero(subset), rows_with_tokens(subset)) if ok
+                         else (torch.tensor(0), torch.tensor(0)))]
     values = covariance_inputs(old, adv, config.cov_form) if ok else [("logprobs", empty), ("advantages", empty)]
     if "old_entropy" in needs:
         values.append(("old_entropy", inputs.old_entropy if ok else empty))
     diagnose = config.covariance_diagnostics and clip_active is None
     scratch: dict = {}
-    (n_tokens, n_seqs), sums = exact_group_sums(counts, values, mask, groups, local_error=local_error,
-                                                scratch=scratch)
+    (n_tokens, n_seqs, *subset_counts), sums = exact_group_sums(counts, values, mask, groups, local_error=local_error,
+                                                                scratch=scratch)
     denom = float(max(n_tokens, 1))
     mean_l, mean_x = sums[0] / denom, sums[1] / denom
     entropy_mean = float(sums[2] / denom) if "old_entropy" in needs else None
@@ -273,6 +283,8 @@ def build_step_plan(
     ctx = StepContext(config, inputs, mask, token_uids=uids, step=step, groups=groups, num_valid_tokens=n_tokens,
                       num_valid_seqs=n_seqs, scores=scores, entropy_mean=entropy_mean, clip_active=clip_active,
                       score_top=score_top, num_local_tokens=int(counts[0]))
+    for index, (name, key, _) in enumerate(subsets):
+        ctx.counts.setdefault(name, {})[key] = (subset_counts[2 * index], subset_counts[2 * index + 1])
     plan_values = {control.name: control.plan(ctx) for control in controls}
     if diagnose:
         plan_values[DIAGNOSTICS] = covariance_diagnostics(score_top, n_tokens)

@@ -9,7 +9,7 @@ from nemo_entropy.config import LossConfig, loss_config
 
 def test_defaults_are_the_papers():
     cfg = loss_config({})
-    assert (cfg.method, cfg.scope, cfg.cov_form) == ("kl_cov", "batch", "natural")
+    assert (cfg.method, cfg.scope, cfg.cov_form, cfg.controller_update) == ("ppo", "batch", "natural", "rollout")
     assert (cfg.clip_cov_ratio, cfg.clip_cov_lb, cfg.clip_cov_ub) == (2e-4, 1.0, 5.0)
     assert (cfg.kl_cov_ratio, cfg.kl_cov_coef) == (2e-3, 1.0)
     assert (cfg.ratio_clip_min, cfg.ratio_clip_max, cfg.ratio_clip_c) == (0.2, 0.2, None)
@@ -103,3 +103,52 @@ def test_every_loss_key_is_in_the_config_reference():
         keys |= {f.name for f in dataclasses.fields(control.config_class)}
     assert len(keys) > 40
     assert sorted(k for k in keys if f"`{k}`" not in text) == []
+
+
+def _doc_value(text: str):
+    """A default as docs/config_reference.md writes it, as Python: true/false, null, [], numbers, else the word."""
+    text = text.strip().strip("`")
+    words = {"true": True, "false": False, "null": None, "[]": ()}
+    if text in words:
+        return words[text]
+    try:
+        return int(text) if text.lstrip("-").isdigit() else float(text)
+    except ValueError:
+        return text
+
+
+def _documented_defaults() -> dict:
+    """``{key: default}`` from every ``| key | base | ... |`` table of the ``loss_fn`` section (a row naming n keys
+    gives n comma-separated values, or one value shared by all)."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "config_reference.md").read_text()
+    section = text.split("## `loss_fn`", 1)[1].split("\n## ", 1)[0]
+    found, in_table = {}, False
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        if cells[:2] == ["key", "base"]:
+            in_table = True
+            continue
+        if not cells:
+            in_table = False
+            continue
+        if not in_table or set(cells[0]) <= {"-", " "}:
+            continue
+        keys = re.findall(r"`([a-z_0-9]+)`", cells[0])
+        values = [cells[1]] * len(keys) if len(keys) > 1 and "," not in cells[1] else cells[1].split(",")
+        assert len(values) == len(keys), f"row {line!r}: {len(keys)} keys, {len(values)} defaults"
+        for key, value in zip(keys, values):
+            found[key] = _doc_value(value)
+    return found
+
+
+def test_the_config_reference_states_the_codes_default_for_every_key():
+    documented = _documented_defaults()
+    actual = LossConfig().to_dict()
+    actual["controls"] = tuple(actual["controls"])
+    assert sorted(set(actual) - set(documented)) == [], "keys without a documented default"
+    assert sorted(set(documented) - set(actual)) == [], "documented keys the config does not have"
+    wrong = {k: (documented[k], actual[k]) for k in actual if documented[k] != actual[k]}
+    assert wrong == {}, "documented default != code default: {key: (doc, code)}"

@@ -335,6 +335,7 @@ def run_entropy(cfg_dict, layout_name, samples, groups, tp_group=None, tp_rank=0
                                                       vocab_size=VOCAB, shard=shard)
             record[mbs] = (loss, grad)
         controls.update(plan)
+        controls.end_rollout()
         record["state"] = controls.state_dict()
         out["steps"].append(record)
     return out

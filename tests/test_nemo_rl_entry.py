@@ -425,3 +425,28 @@ def test_old_entropy_pass_runs_nemo_rl_training_loop_in_eval_mode(generation, mo
         assert bool((got[~valid] == 0).all())
     finally:
         _drop_nemo_rl_modules()
+
+
+DTENSOR_PACKING = ["policy.dtensor_cfg.enabled=true", "policy.megatron_cfg.enabled=false",
+                   "policy.sequence_packing.enabled=true", "nemo_rl.input_type=logit"]
+
+
+@pytest.mark.parametrize("method", ["entropy_pi", "entropy_bonus", "top_entropy"])
+def test_dtensor_with_sequence_packing_is_refused_for_an_entropy_control_naming_both_keys(method, capsys):
+    """NeMo-RL's DTensor backend hands a loss packed sequences with a seq_index; only its own log-probs helper reads
+    them, so no entropy reaches a control (the old-entropy pass or the loss would fail at its first call with a
+    context-parallelism message). Refused at validation (the dry-run) and in the preflight, both keys named."""
+    argv = ["--config-name", "grpo_32b_baseline", "--dry-run", f"loss_fn.method={method}", *DTENSOR_PACKING]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "policy.dtensor_cfg.enabled=true" in err and "policy.sequence_packing.enabled=true" in err and method in err
+    assert train.main([*argv[:3], "loss_fn.method=ppo", *DTENSOR_PACKING]) == 0  # no entropy needed: runs
+    off = [a.replace("sequence_packing.enabled=true", "sequence_packing.enabled=false") for a in DTENSOR_PACKING]
+    assert train.main([*argv[:4], *off]) == 0
+
+
+def test_the_preflight_refuses_dtensor_with_sequence_packing_for_an_entropy_control():
+    out = _preflight(STANDIN, "main", "--config-name", "grpo_32b_baseline", *STANDIN_RUN, "loss_fn.method=entropy_pi",
+                     *DTENSOR_PACKING)
+    assert out.returncode == 1 and "INCOMPATIBLE" in out.stderr, out.stdout + out.stderr
+    assert "policy.dtensor_cfg.enabled=true" in out.stderr and "policy.sequence_packing.enabled=true" in out.stderr

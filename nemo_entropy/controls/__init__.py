@@ -7,10 +7,12 @@ changes: the config, the plan builder, the loss, the engine and the NeMo-RL adap
 
 from __future__ import annotations
 
+import torch
+
 from ..parallel import group_world_size
 from .adaptive_entropy import AdaptiveEntropy
 from .aent import AEnt
-from .base import Control, ControlConfig, TokenBatch
+from .base import Control, ControlConfig, StepRecord, TokenBatch
 from .clip_cov import ClipCov
 from .entropy_advantage import EntropyAdvantage
 from .entropy_bonus import EntropyBonus
@@ -36,7 +38,7 @@ REGISTRY: dict[str, type[Control]] = {cls.name: cls for cls in (
 )}
 """Every control by name, in the order their plans are built and their per-token changes applied."""
 
-__all__ = ["REGISTRY", "Control", "ControlConfig", "TokenBatch", "ControlSet"]
+__all__ = ["REGISTRY", "Control", "ControlConfig", "StepRecord", "TokenBatch", "ControlSet"]
 
 
 class ControlSet:
@@ -45,6 +47,8 @@ class ControlSet:
     def __init__(self, config):
         active = set(config.active_controls)
         self.controls: list[Control] = [cls(config) for name, cls in REGISTRY.items() if name in active]
+        self.update_every_step = config.controller_update == "optimizer_step"
+        self._records: dict[str, list[StepRecord]] = {c.name: [] for c in self.controls if c.stateful}
 
     def __iter__(self):
         return iter(self.controls)
@@ -74,10 +78,31 @@ class ControlSet:
         return next((c for c in self.controls if c.selects_tokens), None)
 
     def update(self, plan) -> None:
+        """After an optimizer step, with its (globally agreed) plan: the stateful controls record it, and move their
+        state now with ``controller_update: optimizer_step`` (else at :meth:`end_rollout`)."""
+        for name, records in self._records.items():
+            scalars = {k: v for k, v in plan.values.get(name, {}).items() if not isinstance(v, torch.Tensor)}
+            records.append(StepRecord(int(plan.step), float(plan.global_valid_tokens), scalars))
+        if self.update_every_step:
+            self._move_state()
+
+    def end_rollout(self) -> None:
+        """After the last optimizer step of a rollout: the stateful controls move their state once, from the
+        rollout's recorded steps (``controller_update: rollout``; nothing is left to do with ``optimizer_step``)."""
+        self._move_state()
+
+    def _move_state(self) -> None:
         for control in self.controls:
-            control.update(plan)
+            records = self._records.get(control.name)
+            if records:
+                control.update(tuple(records))
+                records.clear()
 
     def state_dict(self) -> dict:
+        pending = [name for name, records in self._records.items() if records]
+        if pending:
+            raise RuntimeError(f"controls {pending} have optimizer steps not yet applied to their state: call "
+                               "end_rollout() at the end of the rollout before saving")
         return {c.name: c.state_dict() for c in self.controls if c.stateful}
 
     def load_state_dict(self, state) -> None:

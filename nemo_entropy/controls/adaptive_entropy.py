@@ -8,6 +8,9 @@ The coefficient ``c_t`` is control state. In optimizer step ``t``, with ``H_t`` 
     c_{t+1} = clip(c_t + entropy_coef_delta,  entropy_coef_min, entropy_coef_max)  if H_t <= entropy_target
               clip(c_t - entropy_coef_delta,  entropy_coef_min, entropy_coef_max)  otherwise
 
+The update is once per rollout by default (``controller_update: rollout``, Skywork-OR1's cadence: ``H`` is then the
+rollout's mean old entropy over the tokens of all its optimizer steps, and every step of the rollout uses ``c_t``,
+gated by its own step's entropy) or after every optimizer step (``optimizer_step``, TRL's cadence).
 ``c_0`` is ``entropy_coef`` (the bonus's key: TRL's initial coefficient; Skywork-OR1 starts at 0). The gate is
 Skywork-OR1's ``1{e_k <= tgt-ent}`` and TRL's: the bonus acts only while the entropy is at or below the target, so
 it never inflates an entropy that is already high, while the coefficient it will need keeps being learned. The per
@@ -19,7 +22,7 @@ layout gets the same bits and so the same coefficient). TRL measures the current
 gradient-accumulation window and applies the update from the *next* step on (its gate uses the previous step's
 entropy); with the old policy's entropy known before the step's first micro-batch, step ``t``'s gate and update use
 step ``t``'s own entropy, and the coefficient of step ``t``'s loss is in step ``t``'s plan (so it reaches NeMo-RL's
-workers with the batch). ``update(plan)`` after the step advances ``c`` from the plan alone: identical on every
+workers with the batch). ``update(records)`` advances ``c`` from the recorded plans alone: identical on every
 rank, checkpointed, and a resumed run continues exactly. A step without valid tokens leaves ``c`` unchanged.
 
 Metrics: the bonus's ``entropy_loss`` and ``entropy_coef`` (the coefficient applied in this step's loss, after the
@@ -35,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
-from .base import ControlConfig, bad_value
+from .base import ControlConfig, bad_value, token_weighted_mean
 from .entropy_bonus import EntropyBonusTerm
 
 __all__ = ["AdaptiveEntropyConfig", "AdaptiveEntropy", "next_adaptive_coef"]
@@ -50,7 +53,8 @@ class AdaptiveEntropyConfig(ControlConfig):
     entropy_coef_max: float = 1.0
     """Upper bound of the coefficient (TRL ``entropy_coef_max``)."""
     entropy_coef_delta: float = 0.005
-    """Change of the coefficient per optimizer step (TRL ``entropy_coef_delta``, Skywork-OR1's Delta: 0.005)."""
+    """Change of the coefficient per update (per rollout, or per optimizer step with ``controller_update:
+    optimizer_step``; TRL ``entropy_coef_delta``, Skywork-OR1's Delta: 0.005)."""
 
     def validate(self) -> None:
         if self.entropy_target < 0:
@@ -87,11 +91,11 @@ class AdaptiveEntropy(EntropyBonusTerm):
         gate = entropy <= self.config.entropy_target
         return {"coef": self.coef if gate else 0.0, "coef_state": self.coef, "entropy_mean": entropy}
 
-    def update(self, plan) -> None:
-        values = plan.values[self.name]
-        coef = float(values["coef_state"])
-        if plan.global_valid_tokens > 0:  # a step without tokens measured nothing
-            coef = next_adaptive_coef(coef, float(values["entropy_mean"]), self.config)
+    def update(self, records) -> None:
+        coef = float(records[0].values["coef_state"])  # every record was planned with the same state
+        entropy = token_weighted_mean(records, "entropy_mean")
+        if entropy is not None:  # steps without tokens measured nothing
+            coef = next_adaptive_coef(coef, entropy, self.config)
         self.coef = coef
 
     # ------------------------------------------------------------------ per micro-batch

@@ -21,11 +21,11 @@ band ``[aent_entropy_low, aent_entropy_high]`` and stays in the box ``[aent_coef
 (it grows while the entropy is below the band, shrinks above it, rests inside it), from optimizer step
 ``aent_warmup_steps`` on; ``c_0 = aent_coef``. One deliberate difference from the reference: AEnt's code measures
 ``H_t`` as the *current* policy's *clamped* entropy averaged over the mini-batches of one rollout and moves the
-coefficient once per rollout. Here ``H_t`` is the exact mean of the *old* policy's *full-vocabulary* entropy over
-every valid token of the optimizer step (``needs`` ``old_entropy``, exact fixed-point sums in the plan's one
-all-reduce), known before the step's first micro-batch, so step ``t``'s coefficient is in step ``t``'s plan, the same
-on every rank and layout, and ``update(plan)`` moves it once per optimizer step (divide the reference's
-``coeff_lr`` by the optimizer steps per rollout to match its speed). The full and the clamped entropy differ by
+coefficient once per rollout. Here ``H_t`` is the exact mean of the *old* policy's *full-vocabulary* entropy
+(``needs`` ``old_entropy``, exact fixed-point sums in the plan's one all-reduce) over every valid token of the rollout
+(``controller_update: rollout``, the default and AReaL's cadence: every optimizer step of the rollout uses the same
+coefficient, which moves once after the rollout) or of each optimizer step (``controller_update: optimizer_step``),
+the same on every rank and layout. The full and the clamped entropy differ by
 ``(1 - m)(H_tail - H_top) + h(m)`` with ``m`` the kept tokens' mass (``h`` the binary entropy): negligible where the
 removed tail holds little mass, which is the regime AEnt's band is meant for; set the band in full-entropy nats.
 
@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 from ..entropy.clamped import vocab_parallel_clamped_entropy
-from .base import ControlConfig, bad_value
+from .base import ControlConfig, bad_value, token_weighted_mean
 from .entropy_bonus import EntropyBonusTerm
 
 __all__ = ["AEntConfig", "AEnt", "next_aent_coef"]
@@ -71,14 +71,15 @@ class AEntConfig(ControlConfig):
     aent_entropy_high: float = 0.5
     """Upper edge of the band: above it the coefficient shrinks (AReaL ``entropy_high``)."""
     aent_coef_lr: float = 1e-3
-    """Step size of the coefficient per optimizer step and nat of distance from the band (AReaL ``coeff_lr``, per
-    rollout there)."""
+    """Step size of the coefficient per update (per rollout, as AReaL's ``coeff_lr``, or per optimizer step with
+    ``controller_update: optimizer_step``) and nat of distance from the band."""
     aent_coef_box_low: float = 1e-5
     """The coefficient is kept >= this (AReaL ``coeff_box_low``)."""
     aent_coef_box_high: float = 1e-2
     """The coefficient is kept <= this (AReaL ``coeff_box_high``)."""
     aent_warmup_steps: int = 0
-    """Optimizer steps before the coefficient starts moving (AReaL ``warmup_steps``, counted in rollouts there)."""
+    """The coefficient moves only in updates whose first optimizer step has at least this index (AReaL
+    ``warmup_steps``, counted in rollouts there)."""
 
     def validate(self) -> None:
         if self.aent_coef < 0:
@@ -129,13 +130,13 @@ class AEnt(EntropyBonusTerm):
             return {}
         return {"coef": self.coef, "entropy_mean": float(ctx.entropy_mean)}
 
-    def update(self, plan) -> None:
+    def update(self, records) -> None:
         if not self.stateful:
             return
-        values = plan.values[self.name]
-        coef = float(values["coef"])
-        if plan.global_valid_tokens > 0 and plan.step >= self.config.aent_warmup_steps:
-            coef = next_aent_coef(coef, float(values["entropy_mean"]), self.config)
+        coef = float(records[0].values["coef"])  # every record was planned with the same state
+        entropy = token_weighted_mean(records, "entropy_mean")
+        if entropy is not None and records[0].step >= self.config.aent_warmup_steps:
+            coef = next_aent_coef(coef, entropy, self.config)
         self.coef = coef
 
     # ------------------------------------------------------------------ per micro-batch

@@ -16,9 +16,12 @@ The life of a control over one optimizer step (the data flow of the README's arc
    A control that needs more than the entropy from the current logits (``needs`` ``logits``) computes it in
    :meth:`logit_values` from the logits shard, where the caller (the engine's scoring pass, the NeMo-RL adapter's
    LOGIT input) has it; the loss hands the result back in :attr:`TokenBatch.logit_values`.
-3. **after the step** (:meth:`update`): a stateful control updates its state from the step's plan, whose values
-   are globally reduced, so every rank holds the same state; :meth:`state_dict` / :meth:`load_state_dict` are
-   checkpointed by the engine and, on the NeMo-RL path, by the driver.
+3. **after the step** (:meth:`ControlSet.update <nemo_entropy.controls.ControlSet.update>`): a stateful control
+   records the step's plan (its scalars, globally reduced, so every rank holds the same record); its state moves in
+   :meth:`update` from the records of the steps since its last update: at the end of each rollout
+   (``controller_update: rollout``, the default: the papers' cadence, :meth:`ControlSet.end_rollout`) or after each
+   optimizer step (``optimizer_step``). Until then every plan of the rollout uses the same state. :meth:`state_dict`
+   / :meth:`load_state_dict` are checkpointed by the engine and, on the NeMo-RL path, by the driver.
 
 **Per-step constants in metrics.** Metrics are *summed* over micro-batches and ranks (NeMo-RL and the engine both
 do), so a per-step constant ``c`` (a coefficient, a target) is reported as its token share
@@ -35,13 +38,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
 
 from ..normalization import global_token_sum, reduce_per_token
 
-__all__ = ["ControlConfig", "Control", "TokenBatch", "bad_value"]
+__all__ = ["ControlConfig", "Control", "TokenBatch", "StepRecord", "token_weighted_mean", "bad_value"]
 
 
 def bad_value(key: str, value: Any, allowed: str) -> ValueError:
@@ -58,6 +61,26 @@ class ControlConfig:
 
     def keys(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What a stateful control's :meth:`Control.update` reads of one optimizer step: the step's index, its valid
+    tokens over every rank, and the control's own per-step scalars from the step's plan (identical on every rank)."""
+
+    step: int
+    valid_tokens: float
+    values: Mapping[str, Any]
+
+
+def token_weighted_mean(records: Sequence[StepRecord], key: str) -> Optional[float]:
+    """``sum_j values_j[key] N_j / sum_j N_j`` over the records (float64, in step order), or None when no step had a
+    valid token. For a per-step mean over the step's valid tokens (the old entropy) this is the exact mean over every
+    valid token of the recorded steps (the rollout's), whatever the layout: each term is identical on every rank."""
+    total = sum(r.valid_tokens for r in records)
+    if total <= 0:
+        return None
+    return sum(float(r.values[key]) * r.valid_tokens for r in records if r.valid_tokens > 0) / total
 
 
 @dataclass
@@ -124,6 +147,11 @@ class Control:
     exclusive: ClassVar[tuple[str, ...]] = ()
     """Exclusive groups: two active controls sharing one cannot be composed (two covariance selections, two
     owners of the surrogate, two entropy bonuses); the config rejects the pair by name."""
+    term_kind: ClassVar[str] = "regulariser"
+    """What the additive term of :meth:`adjust` is (the composition rule, docs/controls.md): ``regulariser`` (a
+    penalty or bonus on the distribution: KL-Cov's ``beta |log r|``, the entropy bonuses), added after every weight,
+    or ``policy_gradient`` (a re-weighting of the policy gradient: EntroPIC's ``u r |A|``), added to the surrogate
+    before the other controls' weights multiply it, so it follows their masks and weights like the surrogate."""
     needs: ClassVar[frozenset[str]] = frozenset()
     """What the control reads: ``old_entropy`` (per-token entropy of the generating policy, in the plan),
     ``entropy`` (the current full-vocabulary entropy with its gradient, per micro-batch: NeMo-RL LOGIT input) and/or
@@ -149,14 +177,27 @@ class Control:
             self.selects_tokens and self.loss_config.scope == "batch")
 
     # ------------------------------------------------------------------ per optimizer step
+    def counted_keys(self) -> dict[str, None]:
+        """The names of the subsets :meth:`counted_tokens` returns (for a rank whose inputs are bad, which still
+        joins the all-reduce with zeros)."""
+        return {}
+
+    def counted_tokens(self, old_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Subsets of this rank's valid tokens (bool ``[batch, length]``, within ``mask``) whose exact counts over the
+        whole step the plan needs: they ride in the plan's one all-reduce and reach :meth:`plan` as
+        ``ctx.counts[name][key] = (tokens, sequences with one)``. ``old_logprobs``: the step's, as given (masked
+        positions may hold anything)."""
+        return {}
+
     def plan(self, ctx) -> dict[str, Any]:
         """Per-step values from ``ctx``, the step's :class:`~nemo_entropy.plan.StepContext`: per-token tensors
         shaped like ``ctx.mask`` and Python scalars."""
         return {}
 
-    def update(self, plan) -> None:
-        """After the step, from its (globally agreed) :class:`~nemo_entropy.plan.StepPlan`: same input on every
-        rank, same new state."""
+    def update(self, records: Sequence[StepRecord]) -> None:
+        """Move the state once, from the :class:`StepRecord` of every optimizer step since the last update (the
+        rollout's steps, or one step with ``controller_update: optimizer_step``), all planned with the current
+        state: same records on every rank, same new state."""
 
     # ------------------------------------------------------------------ per micro-batch (no collective)
     def logit_values(self, logits_shard: torch.Tensor, *, tp_group, vocab_start: int,
@@ -178,7 +219,8 @@ class Control:
 
     def adjust(self, tokens: TokenBatch, values: Mapping[str, Any],
                surrogate: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """``(weight on the surrogate, additive per-token term)``, each per token or None."""
+        """``(weight on the policy gradient, additive per-token term)``, each per token or None: the weight multiplies
+        the surrogate and every ``policy_gradient`` term; the term is of this control's :attr:`term_kind`."""
         return None, None
 
     def metrics(self, tokens: TokenBatch, values: Mapping[str, Any]) -> dict[str, float]:

@@ -9,8 +9,9 @@ Two papers, one mechanism:
   2511.05993): entropy collapse comes mostly from positive-advantage tokens; a weight on their loss regulates it.
 
 Per token: ``loss_i = w_i * surrogate_i`` with ``w_i = w_reinforce_lambda`` when the token is "positive" and 1
-otherwise; negative and zero-advantage tokens are untouched, additive terms (a KL-Cov penalty, an entropy bonus)
-are not weighted. "Positive" is read from what every path has, the advantages (NeMo-RL's ``train_data`` carries
+otherwise; negative and zero-advantage tokens are untouched. The weight multiplies the policy gradient (the
+surrogate and EntroPIC's re-weighting term), not a regulariser (a KL-Cov penalty, an entropy bonus): the composition
+rule of docs/controls.md. "Positive" is read from what every path has, the advantages (NeMo-RL's ``train_data`` carries
 advantages, not rewards): ``w_reinforce_level: sample`` (default) takes the sign of the sample's summed advantage
 over its valid tokens, ``token`` the sign of each token's own advantage. With group-relative advantages (GRPO,
 RLOO: one value per sample) the two select the same tokens. For binary rewards in a group with mixed outcomes,

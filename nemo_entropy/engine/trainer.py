@@ -6,7 +6,8 @@ full-vocabulary entropy; then ``samples / train_global_batch_size`` optimizer st
 builds its plan once over the whole mini-batch on every DP rank (:func:`nemo_entropy.plan.build_step_plan`:
 the global counts, the covariance selection, every control's per-step values), then runs
 :func:`nemo_entropy.losses.policy_loss` per micro-batch on the plan's rows, sums the gradients over DP and clips
-them by the global norm; stateful controls update from the plan after the step.
+them by the global norm; stateful controls record the plan after the step and move their state at the end of the
+rollout (or after each step with ``loss_fn.controller_update: optimizer_step``).
 
 Layout invariance (1 process == DP x TP up to fp32 rounding): every sample is identified by its global
 index (prompt * generations + generation); its prompt, its sampling noise and its token uids derive from
@@ -261,13 +262,14 @@ class GRPOTrainer:
             grad_norms.append(self._all_reduce_grads())
             self.optimizer.step()
             self.optimizer_step += 1
-            self.controls.update(plan)  # same plan on every rank: same state on every rank
+            self.controls.update(plan)  # recorded; the controllers move at end_rollout()
             step_metrics = self._reduce_over_dp(step_metrics)
             step_metrics.pop("num_valid_tokens", None)
             selected = plan.global_selected_tokens
             selected_counts.append(selected if selected is not None
                                    else step_metrics.get("selected_fraction", 0.0) * plan.global_valid_tokens)
             accumulate_metrics(totals, step_metrics, divisor=self.s.optimizer_steps_per_rollout)
+        self.controls.end_rollout()  # controllers move once per rollout (loss_fn.controller_update: rollout)
         totals["grad_norm"] = sum(grad_norms) / len(grad_norms)
         totals["selected_tokens"] = sum(selected_counts)
         totals["optimizer_steps"] = float(self.s.optimizer_steps_per_rollout)

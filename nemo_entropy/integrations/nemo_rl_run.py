@@ -196,6 +196,14 @@ def _check_controls_inputs(config: Mapping[str, Any], options: NemoRLOptions) ->
             "current full-vocabulary entropy (with its gradient) or values computed from the logits, but "
             f"nemo_rl.input_type={options.input_type!r} hands the loss log-probs only: set nemo_rl.input_type=logit")
     any_entropy = [c.name for c in controls if c.needs & {"entropy", "old_entropy", "logits"}]
+    if any_entropy and _get(config, "policy.dtensor_cfg.enabled", False) and _get(
+            config, "policy.sequence_packing.enabled", False):
+        # NeMo-RL's DTensor path hands a loss packed sequences with a seq_index and only its own CP-aware log-probs
+        # helper reads them (nemo_rl.logprobs_from_logits delegates): no entropy, in the loss or the old-entropy pass.
+        raise ValueError(
+            f"loss_fn controls {any_entropy} need the full-vocabulary entropy, which NeMo-RL's DTensor backend does not "
+            "give a loss with packed sequences: policy.dtensor_cfg.enabled=true with policy.sequence_packing.enabled="
+            "true is not supported with them (set policy.sequence_packing.enabled=false, or use the Megatron backend)")
     for backend in ("megatron_cfg", "dtensor_cfg"):
         cp = _get(config, f"policy.{backend}.context_parallel_size", 1)
         if any_entropy and _get(config, f"policy.{backend}.enabled", False) and int(cp) > 1:

@@ -11,8 +11,11 @@ sharding, packing and micro-batching, and the loss reads it back.
 :class:`StepPlanPolicy` wraps NeMo-RL's policy so that this happens on every ``policy.train`` call without
 touching NeMo-RL's training loop. When a control needs the old policy's per-token entropy, one eval-mode pass of
 NeMo-RL's own training loop computes it first (:mod:`nemo_entropy.integrations.entropy_probe`). Stateful controls
-(an adaptive coefficient, a PI controller) live here, on the driver: their state advances once per optimizer step from the step's plan, and is saved next to NeMo-RL's own
-checkpoint (:data:`STATE_FILE`) and restored on resume.
+(an adaptive coefficient, a PI controller) live here, on the driver: every optimizer step of one ``policy.train`` call
+(one rollout) is planned here before the workers train, so with ``controller_update: rollout`` (the default) each of
+them uses the state at the rollout's start, and the state moves once, after the last step is planned, from the
+rollout's token-weighted mean old entropy; with ``optimizer_step`` it moves after each step's plan. It is saved next
+to NeMo-RL's own checkpoint (:data:`STATE_FILE`) and restored on resume.
 """
 
 from __future__ import annotations
@@ -92,6 +95,8 @@ def attach_step_plans(
         plan = build_step_plan(config, inputs, step=step, controls=controls)
         controls.update(plan)
         plans.append((rows, plan))
+    if attach_plans:
+        controls.end_rollout()  # one policy.train call is one rollout: the controllers' cadence (controller_update)
     train_data[batch_keys.TOKEN_UIDS] = uids
     train_data[batch_keys.STEP] = steps
     if attach_plans:

@@ -6,8 +6,10 @@ Per token, with the ratio of :func:`~nemo_entropy.surrogate.importance_ratio`:
 1. each active control may reshape the advantages (``Control.shape_advantages``);
 2. the surrogate is PPO's clipped one (:func:`~nemo_entropy.surrogate.clipped_surrogate`, with every
    NeMo-RL option) unless one active control owns it (KL-Cov's ``-A r``);
-3. each control may weight it per token (Clip-Cov: 0 on its selected tokens) and add a per-token term (KL-Cov:
-   ``beta |log r|`` on its selected tokens);
+3. the controls' per-token changes compose by one rule (docs/controls.md): ``(surrogate + policy-gradient terms)
+   x policy-gradient weights + regularisers``: weights such as Clip-Cov's 0 on its selected tokens multiply the
+   surrogate and every ``policy_gradient`` term (EntroPIC's), never a regulariser (KL-Cov's ``beta |log r|``, an
+   entropy bonus);
 4. NeMo-RL's importance-sampling weight multiplies the result; the reference KL and the positive-example NLL add.
 
 Whole-step quantities (counts, the covariance selection, coefficients) come from the step's plan
@@ -53,17 +55,21 @@ def per_token_policy_loss(
     else:
         loss, clip_active = clipped_surrogate(config, tokens.advantages, tokens.ratio, tokens.clamped_ratio,
                                               tokens.logprobs)
-    weight, extra = None, None
+    # The composition rule (docs/controls.md): (surrogate + policy-gradient terms) x weights + regularisers.
+    weight, terms = None, {"policy_gradient": None, "regulariser": None}
     for control in controls:
         w, e = control.adjust(tokens, plan.values.get(control.name, {}), loss)
         if w is not None:
             weight = w if weight is None else weight * w
         if e is not None:
-            extra = e if extra is None else extra + e
+            kind = control.term_kind
+            terms[kind] = e if terms[kind] is None else terms[kind] + e
+    if terms["policy_gradient"] is not None:
+        loss = loss + terms["policy_gradient"]
     if weight is not None:
         loss = loss * weight
-    if extra is not None:
-        loss = loss + extra
+    if terms["regulariser"] is not None:
+        loss = loss + terms["regulariser"]
     return loss, clip_active
 
 

@@ -61,6 +61,7 @@ def test_a_restored_state_continues_exactly_like_the_uninterrupted_run():
     twin = ControlSet(cfg)
     for t in range(8):
         twin.update(plan_step(cfg, step_batch(seed=100 + t, scale=2.0 + (t % 3)), step=t, controls=twin))
+        twin.end_rollout()
     assert twin.state_dict() == whole.state_dict()
     with pytest.raises(ValueError, match="expects state"):
         ControlSet(cfg).load_state_dict({"adaptive_entropy": {"coef": 0.1}})
@@ -72,6 +73,7 @@ def test_a_step_without_valid_tokens_leaves_the_coefficient_alone():
     data["mask"][:] = False
     controls = ControlSet(cfg)
     controls.update(plan_step(cfg, data, step=0, controls=controls))
+    controls.end_rollout()
     assert controls.state_dict()["adaptive_entropy"]["entropy_coef"] == 0.25
 
 

@@ -81,9 +81,11 @@ def _reference(name, logits, data, rows, gvt):
         term = -0.2 * entropy64(x[:, :-1])  # gate open: the target is far above the batch's entropy
     elif name == "aent":
         term = -0.2 * clamped_entropy64(x[:, :-1], 0.3)
-    else:
+    else:  # EntroPIC's term, a mean over the step's gated tokens (old probability > 0.2), as its authors' code
         u = min(max(3.0 - h_old, -1.0), 1.0)
-        term = torch.where(lp.detach() > math.log(0.2), u * ratio * adv.abs(), torch.zeros_like(lp))
+        gated_all = m_all & (data["prev_logprobs"][:, 1:] > math.log(0.2))
+        gated = gated_all[rows]
+        term = torch.where(gated, u * ratio * adv.abs(), torch.zeros_like(lp)) * (gvt / float(gated_all.sum()))
     m = m_all[rows].to(D)
     loss = ((surrogate + term) * m).sum() / gvt
     loss.backward()
@@ -123,17 +125,26 @@ def test_adapter_with_the_attached_plan_and_logit_input_matches_float64(name):
             assert fn.metric_normalizations[key].value in ("tokens", "sequences")
 
 
+STATE_KEY = {"adaptive_entropy": "coef_state", "aent": "coef", "entropy_pi": "integral"}
+
+
+@pytest.mark.parametrize("update", ["rollout", "optimizer_step"])
 @pytest.mark.parametrize("name", ["adaptive_entropy", "aent", "entropy_pi"])
-def test_driver_controls_advance_once_per_optimizer_step_and_the_plan_carries_each_steps_value(name):
+def test_driver_controls_advance_at_their_cadence_and_the_plan_carries_each_steps_value(name, update):
+    """One policy.train call of two optimizer steps: with ``controller_update: rollout`` both plans carry the state of
+    the rollout's start and the state moves once after them; with ``optimizer_step`` the second plan carries the
+    state moved by the first step."""
     _, data = _nemo_rl_batch(seed=62)
     moving = {"adaptive_entropy": {"entropy_target": 0.5}, "aent": {"aent_entropy_high": 0.6}}.get(name, {})
-    cfg = loss_config({**CONFIGS[name], "reference_policy_kl_penalty": 0.0, **moving})  # the state must move
+    cfg = loss_config({**CONFIGS[name], "reference_policy_kl_penalty": 0.0, "controller_update": update,
+                       **moving})  # the state must move
     driver = ControlSet(cfg)
     steps = attach_step_plans(data, cfg, train_global_batch_size=4, first_step=10, controls=driver)
     assert steps == 2
     mirror = ControlSet(cfg)  # the same two steps, planned and updated one by one
     from nemo_entropy.plan import StepInputs, build_step_plan
 
+    states = []
     for j, rows in enumerate((slice(0, 4), slice(4, 8))):
         attached = plan_from_batch(_slice(data, rows), global_valid_tokens=1, global_valid_seqs=1)
         mask = (data["token_mask"][rows, 1:] * data["sample_mask"][rows, None]) != 0
@@ -145,7 +156,10 @@ def test_driver_controls_advance_once_per_optimizer_step_and_the_plan_carries_ea
         for key, value in plan.values[name].items():
             assert attached.values[name][key] == pytest.approx(value, abs=1e-12), (j, key)
         mirror.update(plan)
+        states.append(attached.values[name][STATE_KEY[name]])
+    mirror.end_rollout()
     assert driver.state_dict() == mirror.state_dict() and driver.state_dict() != ControlSet(cfg).state_dict()
+    assert (states[0] == states[1]) == (update == "rollout")
 
 
 def test_a_control_that_needs_the_logits_refuses_a_logprob_call():

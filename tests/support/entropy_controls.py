@@ -143,6 +143,7 @@ def run_stateful(cfg, name: str, steps: int, *, seed: int, controls: ControlSet 
         plan = plan_step(cfg, data, step=t, controls=controls)
         seen.append((dict(plan.values[name]), mean_old_entropy(data)))
         controls.update(plan)
+        controls.end_rollout()  # one optimizer step per rollout: either controller_update moves the state here
     return controls, seen
 
 
