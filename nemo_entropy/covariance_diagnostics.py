@@ -24,18 +24,24 @@ CONCENTRATION_FRACTIONS = (0.0002, 0.002, 0.02)
 
 
 def diagnostic_inputs(old_logprobs: torch.Tensor, advantages: torch.Tensor, x: torch.Tensor, ok: bool,
-                      empty: torch.Tensor) -> list[tuple[str, Any]]:
+                      empty: torch.Tensor, theorem_inputs=None) -> list[tuple[str, Any]]:
     """The extra exact sums of the diagnostics, for the plan's one all-reduce: ``sum l X`` (the total covariance)
-    and, for Theorem 1's form, ``sum p A`` and ``sum l p A`` (``empty`` tensors when this rank's inputs are bad).
+    and, with ``theorem_inputs`` = the old policy's per-token ``(H, c)`` (entropy and ``Cov_pi(log pi, pi)``),
+    Theorem 1's ``sum l p A``, ``sum H p A`` and ``sum c A`` (``empty`` tensors when this rank's inputs are bad).
     Products are passed as pairs of factors: :func:`~nemo_entropy.exact.exact_group_sums` multiplies them in its
     work tensor instead of a fresh step-sized one."""
+    names = ["logprobs x covariance input"] + ([] if theorem_inputs is None else [
+        "logprobs x exp(logprobs) x advantages", "old entropy x exp(logprobs) x advantages",
+        "old Cov(log pi, pi) x advantages"])
     if not ok:
-        return [("logprobs x covariance input", empty), ("exp(logprobs) x advantages", empty),
-                ("logprobs x exp(logprobs) x advantages", empty)]
+        return [(name, empty) for name in names]
     l = old_logprobs.detach().float()
-    pa = torch.exp(l).mul_(advantages.detach().float())
-    return [("logprobs x covariance input", (l, x.detach().float())), ("exp(logprobs) x advantages", pa),
-            ("logprobs x exp(logprobs) x advantages", (l, pa))]
+    factors: list[Any] = [(l, x.detach().float())]
+    if theorem_inputs is not None:
+        entropy, cov = (t.detach().float() for t in theorem_inputs)
+        pa = torch.exp(l).mul_(advantages.detach().float())
+        factors += [(l, pa), (entropy, pa), (cov, advantages.detach().float())]
+    return list(zip(names, factors))
 
 
 class ScoreTop(NamedTuple):
@@ -85,13 +91,19 @@ def covariance_diagnostics(top, n_tokens, mean_l, mean_x, sums) -> dict[str, flo
     * ``cov_top_<p>pct_share`` / ``_mean``: the share of the step's total covariance ``sum c_i`` held by the top
       ``max(1, floor(f N))`` tokens by score (f = 0.02%, 0.2%, 2%; 0 when the total is 0), and their mean;
       ``cov_overall_mean`` the mean of all scores (the paper: 5.654 against 0.003 for the top 0.02%).
-    * ``entropy_change_predicted``: Theorem 1's ``-Cov(log pi, pi A)`` over the step's tokens, the predicted
-      entropy change per unit step size (its sign and correlation with the observed change are what the paper
-      reads; ``nemo-entropy law diagnose`` reports the correlation over a run).
+    * ``entropy_change_predicted`` (when the plan has the old policy's per-token entropy ``H_t`` and
+      ``c_t = Cov_{a~pi}(log pi(a), pi(a))``): the paper's Theorem 1 (Lemma 1 with the logit change of a tabular
+      softmax policy-gradient step) for the step's own sampled tokens, per unit step size: the step moves the
+      logits of token t's state by ``A_t (1[a = a_t] - pi(a))``, so
+      ``dH ~= -mean_t A_t Cov_{a~pi}(log pi(a), 1[a = a_t] - pi(a)) = -mean_t A_t (p_t (l_t + H_t) - c_t)``.
+      Its expectation over the sampled token is the theorem's ``-Cov(log pi, pi A)`` only when the advantage has
+      mean 0 in every state; GRPO's sequence-level advantage does not (every token of a wrong answer has
+      ``A < 0``), and the ``c_t`` term is what corrects for it (docs/engine.md, "Theorem 1, checked").
+      Positive means entropy is predicted to rise.
     """
     if top is None:
         return {}
-    sum_lx, sum_pa, sum_lpa = (float(t) for t in sums)
+    sum_lx = float(sums[0])
     n = float(n_tokens)
     total = sum_lx - n * float(mean_l) * float(mean_x)
     out = {"cov_overall_mean": total / n}
@@ -99,7 +111,9 @@ def covariance_diagnostics(top, n_tokens, mean_l, mean_x, sums) -> dict[str, flo
         tag = fraction_tag(fraction)
         out[f"cov_top_{tag}_share"] = top_sum / total if total != 0.0 else 0.0
         out[f"cov_top_{tag}_mean"] = top_sum / k
-    out["entropy_change_predicted"] = -(sum_lpa / n - float(mean_l) * sum_pa / n)
+    if len(sums) == 4:
+        sum_lpa, sum_hpa, sum_ca = (float(t) for t in sums[1:])
+        out["entropy_change_predicted"] = -(sum_lpa + sum_hpa - sum_ca) / n
     return out
 
 

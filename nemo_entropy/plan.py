@@ -64,7 +64,9 @@ class StepInputs:
     ``old_logprobs`` are the log-probs of the policy that generated the data (NeMo-RL's ``prev_logprobs``);
     masked positions may hold anything (even -inf or NaN). ``token_uids`` identify tokens independently of the
     layout (``selection.token_uids_for``); ``old_entropy`` is the generating policy's full-vocabulary entropy,
-    needed only by controls that declare ``old_entropy``.
+    needed by controls that declare ``old_entropy``; with ``old_prob_logprob_cov``, the generating policy's
+    ``Cov_{a~pi}(log pi(a), pi(a)) = sum_a pi(a)^2 (log pi(a) + H)`` per token, the two give the diagnostics'
+    Theorem-1 prediction (:func:`~nemo_entropy.covariance_diagnostics.covariance_diagnostics`).
     """
 
     old_logprobs: torch.Tensor
@@ -72,6 +74,7 @@ class StepInputs:
     mask: torch.Tensor
     token_uids: Optional[torch.Tensor] = None
     old_entropy: Optional[torch.Tensor] = None
+    old_prob_logprob_cov: Optional[torch.Tensor] = None
 
 
 def default_token_uids(mask: torch.Tensor, groups: GroupsLike = None) -> torch.Tensor:
@@ -212,7 +215,8 @@ def _local_inputs(inputs: StepInputs, needs: frozenset[str], groups) -> tuple[Op
             raise ValueError("a control of this loss needs the old policy's per-token entropy (StepInputs.old_entropy)")
         mask = validate_token_inputs(inputs.mask, check_finite=False, old_logprobs=inputs.old_logprobs,
                                      advantages=inputs.advantages, token_uids=inputs.token_uids,
-                                     old_entropy=inputs.old_entropy if "old_entropy" in needs else None)
+                                     old_entropy=inputs.old_entropy,
+                                     old_prob_logprob_cov=inputs.old_prob_logprob_cov)
         return mask, None
     except (TypeError, ValueError) as err:
         return None, err
@@ -252,8 +256,11 @@ def build_step_plan(
     if diagnose:
         # The total covariance sum l X - N mean_l mean_X cancels most of its sums' digits: those three get two limbs
         # (Theorem 1's sum p A and sum l p A cancel far less).
-        limbs = [2, 2] + [1] * (len(values) - 2) + [2, 1, 1]
-        values += diagnostic_inputs(old, adv, values[1][1], ok, empty)
+        theorem = (inputs.old_entropy, inputs.old_prob_logprob_cov)
+        extra = diagnostic_inputs(old, adv, values[1][1], ok, empty,
+                                  theorem_inputs=theorem if None not in theorem else None)
+        limbs = [2, 2] + [1] * (len(values) - 2) + [2] + [1] * (len(extra) - 1)
+        values += extra
     scratch: dict = {}
     # The scores always use the one-limb means, so the selection is the same with the diagnostics on or off.
     (n_tokens, n_seqs), sums = exact_group_sums(counts, values, mask, groups, local_error=local_error,
@@ -278,7 +285,7 @@ def build_step_plan(
     plan_values = {control.name: control.plan(ctx) for control in controls}
     if diagnose:
         plan_values[DIAGNOSTICS] = covariance_diagnostics(score_top, n_tokens, precise[0] / denom, precise[1] / denom,
-                                                          precise[-3:])
+                                                          precise[-len(extra):])
     return StepPlan(step=step, global_valid_tokens=float(n_tokens), global_valid_seqs=float(n_seqs), scores=scores,
                     values=plan_values)
 
