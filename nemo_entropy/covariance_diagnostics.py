@@ -2,8 +2,9 @@
 
 The plan (:func:`nemo_entropy.plan.build_step_plan`) computes them from what it already has: after its one
 all-reduce (the exact means) and the covariance scores ``c_i``, each rank sums, exactly in fixed point, its ``c_i``
-(whose total is the step's covariance, ``sum l X - N mean l mean X`` without that form's cancellation) and
-``(l_i - mean l) p_i A_i`` (Theorem 1's covariance), and those two sums ride the all-gather of the top 2% of the
+(whose total is the step's covariance, ``sum l X - N mean l mean X`` without that form's cancellation) and, when
+the plan has the old policy's per-token entropy ``H`` and ``C = Cov_pi(log pi, pi)``, ``A_i (p_i (l_i + H_i) - C_i)``
+(Theorem 1 for the step's sampled tokens), and those two sums ride the all-gather of the top 2% of the
 scores (:func:`concentration_top_k`): no collective of their own, nothing added to the all-reduce.
 :func:`covariance_diagnostics` turns them into the step's values, which the loss reports as token shares
 under the plan's :data:`DIAGNOSTICS` entry. ``nemo_entropy.law.concentration`` reads runs with the same quota rule.
@@ -29,18 +30,25 @@ CONCENTRATION_FRACTIONS = (0.0002, 0.002, 0.02)
 
 def local_diagnostic_sums(scores: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                           mask: torch.Tensor, mean_l: torch.Tensor, world_size: int,
-                          scratch: Optional[dict] = None) -> torch.Tensor:
-    """This rank's exact fixed-point sums ``[sum c_i, sum (l_i - mean l) p_i A_i]`` (int64, units of 2**-20) and
-    its problem flags ``[NaN or inf, too large]``, for the all-gather of :func:`concentration_top_k`.
+                          scratch: Optional[dict] = None, theorem_inputs=None) -> torch.Tensor:
+    """This rank's exact fixed-point sums ``[sum c_i, sum A_i (p_i (l_i + H_i) - C_i)]`` (int64, units of 2**-20)
+    and its problem flags ``[NaN or inf, too large]``, for the all-gather of :func:`concentration_top_k`.
 
-    ``scores`` are 0 on masked tokens. Both sums are elementwise functions of per-token values and the exact mean,
-    so every layout sums the same integers. The work tensors are ``scratch``'s (slots ``diagnostics``)."""
+    ``scores`` are 0 on masked tokens. ``theorem_inputs`` are the old policy's per-token ``(H, C)`` (entropy and
+    ``C = Cov_{a~pi}(log pi(a), pi(a))``); without them the second sum is 0 and Theorem 1 is not reported
+    (:func:`covariance_diagnostics`). Both sums are elementwise functions of per-token values, so every layout sums
+    the same integers. The work tensors are ``scratch``'s (slots ``diagnostics``)."""
     sum_c, problem_c = fixed_point_sum(scores, None, world_size, scratch, slot="diagnostics")
-    # p A (l - mean l), in place in the work tensor the first sum is done with, which the second sums in place
     l = old_logprobs.detach().float()
-    d = torch.exp(l, out=work_tensor(scratch, l.shape, torch.float32, l.device, "diagnostics"))
-    d.mul_(advantages.detach().float()).mul_(
-        torch.sub(l, mean_l.float(), out=work_tensor(scratch, l.shape, torch.float32, l.device, "diagnostics l")))
+    d = work_tensor(scratch, l.shape, torch.float32, l.device, "diagnostics")
+    if theorem_inputs is None:
+        d.zero_()
+    else:
+        # A (p (l + H) - C), in the work tensors the first sum is done with
+        entropy, cov = (t.detach().float() for t in theorem_inputs)
+        torch.exp(l, out=d).mul_(torch.add(l, entropy, out=work_tensor(scratch, l.shape, torch.float32, l.device,
+                                                                         "diagnostics l")))
+        d.sub_(cov).mul_(advantages.detach().float())
     sum_d, problem_d = fixed_point_sum(d, mask, world_size, scratch, slot="diagnostics")
     flags = [int(1 in (problem_c, problem_d)), int(2 in (problem_c, problem_d))]
     return torch.cat([torch.stack([sum_c, sum_d]), torch.tensor(flags, dtype=torch.int64, device=sum_c.device)])
@@ -98,16 +106,22 @@ def concentration_sums(top: torch.Tensor, n: int, fractions=CONCENTRATION_FRACTI
     return out
 
 
-def covariance_diagnostics(top: Optional[ScoreTop], n_tokens: int) -> dict[str, float]:
+def covariance_diagnostics(top: Optional[ScoreTop], n_tokens: int, theorem: bool = True) -> dict[str, float]:
     """The paper's diagnostics of one step, exact over the token group, from ``top``, the merged top 2% of the
     scores and the group's sums (:func:`concentration_top_k`).
 
     * ``cov_top_<p>pct_share`` / ``_mean``: the share of the step's total covariance ``sum c_i`` held by the top
       ``max(1, floor(f N))`` tokens by score (f = 0.02%, 0.2%, 2%; 0 when the total is 0), and their mean;
       ``cov_overall_mean`` the mean of all scores (the paper: 5.654 against 0.003 for the top 0.02%).
-    * ``entropy_change_predicted``: Theorem 1's ``-Cov(log pi, pi A)`` over the step's tokens, the predicted
-      entropy change per unit step size (its sign and correlation with the observed change are what the paper
-      reads; ``nemo-entropy law diagnose`` reports the correlation over a run).
+    * ``entropy_change_predicted`` (when the plan has the old policy's per-token entropy ``H_t`` and
+      ``c_t = Cov_{a~pi}(log pi(a), pi(a))``): the paper's Theorem 1 (Lemma 1 with the logit change of a tabular
+      softmax policy-gradient step) for the step's own sampled tokens, per unit step size: the step moves the
+      logits of token t's state by ``A_t (1[a = a_t] - pi(a))``, so
+      ``dH ~= -mean_t A_t Cov_{a~pi}(log pi(a), 1[a = a_t] - pi(a)) = -mean_t A_t (p_t (l_t + H_t) - c_t)``.
+      Its expectation over the sampled token is the theorem's ``-Cov(log pi, pi A)`` only when the advantage has
+      mean 0 in every state; GRPO's sequence-level advantage does not (every token of a wrong answer has
+      ``A < 0``), and the ``c_t`` term is what corrects for it (docs/engine.md, "Theorem 1, checked").
+      Positive means entropy is predicted to rise.
     """
     if top is None:
         return {}
@@ -118,7 +132,8 @@ def covariance_diagnostics(top: Optional[ScoreTop], n_tokens: int) -> dict[str, 
         tag = fraction_tag(fraction)
         out[f"cov_top_{tag}_share"] = top_sum / total if total != 0.0 else 0.0
         out[f"cov_top_{tag}_mean"] = top_sum / k
-    out["entropy_change_predicted"] = -theorem_1 / n
+    if theorem:
+        out["entropy_change_predicted"] = -theorem_1 / n
     return out
 
 

@@ -66,7 +66,9 @@ class StepInputs:
     ``old_logprobs`` are the log-probs of the policy that generated the data (NeMo-RL's ``prev_logprobs``);
     masked positions may hold anything (even -inf or NaN). ``token_uids`` identify tokens independently of the
     layout (``selection.token_uids_for``); ``old_entropy`` is the generating policy's full-vocabulary entropy,
-    needed only by controls that declare ``old_entropy``.
+    needed by controls that declare ``old_entropy``; with ``old_prob_logprob_cov``, the generating policy's
+    ``Cov_{a~pi}(log pi(a), pi(a)) = sum_a pi(a)^2 (log pi(a) + H)`` per token, the two give the diagnostics'
+    Theorem-1 prediction (:func:`~nemo_entropy.covariance_diagnostics.covariance_diagnostics`).
     """
 
     old_logprobs: torch.Tensor
@@ -74,6 +76,7 @@ class StepInputs:
     mask: torch.Tensor
     token_uids: Optional[torch.Tensor] = None
     old_entropy: Optional[torch.Tensor] = None
+    old_prob_logprob_cov: Optional[torch.Tensor] = None
 
 
 def default_token_uids(mask: torch.Tensor, groups: GroupsLike = None) -> torch.Tensor:
@@ -217,7 +220,8 @@ def _local_inputs(inputs: StepInputs, needs: frozenset[str], groups) -> tuple[Op
             raise ValueError("a control of this loss needs the old policy's per-token entropy (StepInputs.old_entropy)")
         mask = validate_token_inputs(inputs.mask, check_finite=False, old_logprobs=inputs.old_logprobs,
                                      advantages=inputs.advantages, token_uids=inputs.token_uids,
-                                     old_entropy=inputs.old_entropy if "old_entropy" in needs else None)
+                                     old_entropy=inputs.old_entropy,
+                                     old_prob_logprob_cov=inputs.old_prob_logprob_cov)
         return mask, None
     except (TypeError, ValueError) as err:
         return None, err
@@ -277,8 +281,9 @@ def build_step_plan(
     score_top = None
     if diagnose and n_tokens:
         # what the diagnostics sum after the means (the scores among them) rides their all-gather
+        theorem = (inputs.old_entropy, inputs.old_prob_logprob_cov)
         local_sums = local_diagnostic_sums(scores, old, adv, mask, mean_l, as_groups(groups).token_world_size,
-                                           scratch)
+                                           scratch, theorem_inputs=theorem if None not in theorem else None)
         score_top = concentration_top_k(scores, mask, uids, n_tokens, int(counts[0]), groups, local_sums)
     ctx = StepContext(config, inputs, mask, token_uids=uids, step=step, groups=groups, num_valid_tokens=n_tokens,
                       num_valid_seqs=n_seqs, scores=scores, entropy_mean=entropy_mean, clip_active=clip_active,
@@ -287,7 +292,9 @@ def build_step_plan(
         ctx.counts.setdefault(name, {})[key] = (subset_counts[2 * index], subset_counts[2 * index + 1])
     plan_values = {control.name: control.plan(ctx) for control in controls}
     if diagnose:
-        plan_values[DIAGNOSTICS] = covariance_diagnostics(score_top, n_tokens)
+        plan_values[DIAGNOSTICS] = covariance_diagnostics(score_top, n_tokens,
+                                                          theorem=None not in (inputs.old_entropy,
+                                                                               inputs.old_prob_logprob_cov))
     return StepPlan(step=step, global_valid_tokens=float(n_tokens), global_valid_seqs=float(n_seqs), scores=scores,
                     values=plan_values)
 

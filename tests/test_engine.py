@@ -254,6 +254,27 @@ def test_preempt_file_checkpoints_exits_3_and_resumes_identically(tmp_path, cach
     assert without_timing(read(resumed["metrics_path"])) == without_timing(read(reference["metrics_path"]))
 
 
+def test_paired_differences_give_the_paired_t_interval():
+    """Differences seed by seed, then the Student-t interval of their mean: t(0.975, 4) = 2.776445 (tables)."""
+    from nemo_entropy.engine.compare import paired_differences, paired_table
+
+    base = {s: {"entropy_final": 0.1 + 0.01 * s, "pass@1": 0.3} for s in range(5)}
+    method = {s: {"entropy_final": 0.1 + 0.01 * s + d, "pass@1": 0.3 + d / 2}
+              for s, d in zip(range(5), (0.02, 0.03, 0.01, 0.04, 0.025))}
+    method[5] = {"entropy_final": 9.0}                  # a seed the baseline lacks is not paired
+    out = paired_differences({"local_grpo": base, "local_kl_cov": method}, "local_grpo")["local_kl_cov"]
+    diffs = [0.02, 0.03, 0.01, 0.04, 0.025]
+    mean = sum(diffs) / 5
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 4)
+    stat = out["stats"]["entropy_final"]
+    assert out["seeds"] == [0, 1, 2, 3, 4]
+    assert stat["mean"] == pytest.approx(mean) and stat["half"] == pytest.approx(2.776445 * sd / math.sqrt(5), rel=1e-6)
+    assert stat["low"] > 0                              # this interval excludes 0 ...
+    assert "*" in paired_table({"local_kl_cov": out}, "local_grpo").splitlines()[-1]
+    assert out["stats"]["pass@1"]["mean"] == pytest.approx(mean / 2)
+    assert out["stats"]["val_accuracy_final"]["n"] == 0  # ... and a figure no run logged is empty, not 0
+
+
 def test_compare_over_seeds_aggregates_and_resumes(tmp_path, capsys):
     from nemo_entropy.engine.compare import main, mean_interval
 
@@ -285,6 +306,14 @@ def test_compare_over_seeds_aggregates_and_resumes(tmp_path, capsys):
     assert first["local_grpo", 3] == first["local_kl_cov", 3] != first["local_grpo", 4] == first["local_kl_cov", 4]
     assert os.path.getsize(out / "compare.png") > 10_000
     assert "± " in (out / "compare.md").read_text()
+    # Paired differences against the baseline (local_grpo), seed by seed.
+    assert summary["baseline"] == "local_grpo" and set(summary["paired"]) == {"local_kl_cov"}
+    paired = summary["paired"]["local_kl_cov"]["stats"]["entropy_final"]
+    diffs = [summary["per_seed"]["local_kl_cov"][str(s)]["entropy_final"] -
+             summary["per_seed"]["local_grpo"][str(s)]["entropy_final"] for s in (3, 4)]
+    assert paired["differences"] == pytest.approx(diffs)
+    assert paired["mean"] == pytest.approx(mean_interval(diffs)["mean"])
+    assert "Seed-paired differences against local_grpo" in (out / "compare.md").read_text()
     # A folder holding runs of another configuration is refused, not silently mixed.
     assert main(common + ["--configs", "local_grpo", "policy.optimizer.kwargs.lr=1e-3"]) == 2
 

@@ -163,8 +163,14 @@ def test_covariance_diagnostics_match_float64_and_a_brute_force_sort():
     old = -torch.empty(16, 300).exponential_(1 / 0.3, generator=gen)  # heavy-tailed log-probs
     adv = torch.randn(16, 1, generator=gen).expand(16, 300).contiguous()
     mask = torch.rand(16, 300, generator=gen) > 0.25
-    plan = build_step_plan(loss_config({"method": "ppo"}), StepInputs(old, adv, mask), step=0)
+    entropy = torch.rand(16, 300, generator=gen) * 1.5          # the old policy's per-token H and Cov(log pi, pi)
+    cov = torch.rand(16, 300, generator=gen) * 0.2
+    plan = build_step_plan(loss_config({"method": "ppo"}), StepInputs(old, adv, mask, old_entropy=entropy,
+                                                                       old_prob_logprob_cov=cov), step=0)
     diag = plan.values["diagnostics"]
+    without = build_step_plan(loss_config({"method": "ppo"}), StepInputs(old, adv, mask), step=0).values["diagnostics"]
+    assert "entropy_change_predicted" not in without      # no H and c: Theorem 1's sampled form is not defined
+    assert {k: v for k, v in diag.items() if k != "entropy_change_predicted"} == without
     values = sorted(plan.scores[mask].double().tolist(), reverse=True)  # brute force: a full sort, exact sums
     total = math.fsum(values)
     for fraction, tag in ((0.0002, "0.02pct"), (0.002, "0.2pct"), (0.02, "2pct")):
@@ -174,9 +180,10 @@ def test_covariance_diagnostics_match_float64_and_a_brute_force_sort():
     assert diag["cov_overall_mean"] == pytest.approx(total / len(values), rel=1e-5, abs=1e-7)
     l, a = old[mask].double(), adv[mask].double()
     cov_natural = ((l - l.mean()) * (a - a.mean())).mean()
-    pa = l.exp() * a
     assert diag["cov_overall_mean"] == pytest.approx(float(cov_natural), rel=1e-5, abs=1e-9)
-    assert diag["entropy_change_predicted"] == pytest.approx(-float(((l - l.mean()) * (pa - pa.mean())).mean()),
+    # Theorem 1 for the sampled tokens: -mean A (p (l + H) - c)
+    h, c = entropy[mask].double(), cov[mask].double()
+    assert diag["entropy_change_predicted"] == pytest.approx(-float((a * (l.exp() * (l + h) - c)).mean()),
                                                              rel=1e-5, abs=1e-9)
     # In the loss's metrics they are token shares: micro-batches sum to the step's value.
     cur = old.clone().requires_grad_(True)

@@ -88,6 +88,60 @@ def aggregate(per_seed: dict[int, dict[str, Any]], confidence: float = 0.95) -> 
     return {k: mean_interval([s.get(k) for s in per_seed.values()], confidence) for k in keys}
 
 
+PAIRED_KEYS = ("entropy_final", "reward_final", "val_accuracy_final")
+
+
+def paired_differences(per_config: dict[str, dict[int, dict[str, Any]]], baseline: str,
+                       confidence: float = 0.95) -> dict[str, dict[str, Any]]:
+    """Per method other than ``baseline``: the seed-paired differences ``method - baseline`` of the final entropy,
+    reward, accuracy and every pass@k, with their mean and two-sided Student-t interval over the seeds both ran
+    (a paired t-interval: the seed's shared warm start, prompts and sampling noise cancel in the difference)."""
+    base = per_config[baseline]
+    out: dict[str, dict[str, Any]] = {}
+    for name, seeds in per_config.items():
+        if name == baseline:
+            continue
+        common = sorted(set(seeds) & set(base))
+        keys = list(PAIRED_KEYS) + sorted({k for s in seeds.values() for k in s if k.startswith("pass@")},
+                                          key=lambda k: int(k[5:]))
+        stats = {}
+        for key in keys:
+            diffs = [seeds[s][key] - base[s][key] for s in common
+                     if seeds[s].get(key) is not None and base[s].get(key) is not None]
+            stats[key] = {**mean_interval(diffs, confidence), "differences": diffs}
+        out[name] = {"seeds": common, "stats": stats}
+    return out
+
+
+def _excludes_zero(stat: dict[str, Any]) -> str:
+    if stat.get("low") is None:
+        return ""
+    return " *" if stat["low"] > 0 or stat["high"] < 0 else ""
+
+
+def paired_table(paired: dict[str, dict[str, Any]], baseline: str, pass_ks: Sequence[int] = (1, 8, 64)) -> str:
+    """One row per method: mean difference to ``baseline`` and its paired t-interval ``[low, high]``; ``*`` marks an
+    interval that excludes 0."""
+    present = [k for k in pass_ks if any(f"pass@{k}" in p["stats"] for p in paired.values())]
+    head = ["method - " + baseline, "seeds", "final entropy", "final train reward", "final val. accuracy"]
+    head += [f"pass@{k}" for k in present]
+    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+
+    def cell(stat: dict[str, Any]) -> str:
+        if stat.get("mean") is None:
+            return "-"
+        if stat.get("low") is None:
+            return f"{stat['mean']:+.3f}"
+        return f"{stat['mean']:+.3f} [{stat['low']:+.3f}, {stat['high']:+.3f}]{_excludes_zero(stat)}"
+
+    for name, p in paired.items():
+        stats = p["stats"]
+        cells = [name, str(len(p["seeds"]))] + [cell(stats.get(k, {})) for k in PAIRED_KEYS]
+        cells += [cell(stats.get(f"pass@{k}", {})) for k in present]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def _fmt(stat: dict[str, Any]) -> str:
     if stat.get("mean") is None:
         return "-"
@@ -188,6 +242,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time (default 1: in this process; 2 on a 2-core machine: subprocesses)")
     parser.add_argument("--confidence", type=float, default=0.95, help="level of the t-intervals (default 0.95)")
+    parser.add_argument("--baseline", default=None,
+                        help="config the paired differences are taken against (default: local_grpo when listed, "
+                             "else the first config)")
     parser.add_argument("--config-dir", default=None, help="folder of the configs (default: the project's conf/)")
     return parser
 
@@ -220,6 +277,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if repeated:
         print(f"nemo-entropy compare: --configs {args.configs!r} names {', '.join(repeated)} more than once: its runs "
               f"would share the folders OUT/<config>/seed_<seed>; list each config once", file=sys.stderr)
+        return 2
+    baseline = args.baseline or ("local_grpo" if "local_grpo" in names else names[0])
+    if baseline not in names:
+        print(f"nemo-entropy compare: --baseline {baseline} is not one of --configs {','.join(names)}", file=sys.stderr)
         return 2
     common = list(overrides) + [f"engine.warm_start.cache_dir={os.path.join(out, 'warm_start')}"]
     if args.steps is not None:
@@ -329,14 +390,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           title=f"local engine: mean and {args.confidence:.0%} t-interval over seeds {seeds}")
     command = "nemo-entropy compare " + " ".join(argv)
     table = markdown_table(aggregates)
+    paired = paired_differences(per_config, baseline, args.confidence) if len(names) > 1 else {}
+    pairs = paired_table(paired, baseline) if paired else ""
     with open(os.path.join(out, "compare_summary.json"), "w") as fh:
         json.dump({"command": command, "seeds": seeds, "configs": names, "confidence": args.confidence,
-                   "aggregate": aggregates, "per_seed": per_config}, fh, indent=2)
+                   "baseline": baseline, "aggregate": aggregates, "paired": paired, "per_seed": per_config}, fh, indent=2)
     with open(os.path.join(out, "compare.md"), "w") as fh:
         fh.write(f"`{command}`\n\nMean ± half-width of the {args.confidence:.0%} Student-t interval over seeds "
                  f"{seeds}; entropy and reward: mean of the last 10% of steps; accuracy: greedy, last validation; "
                  f"pass@k: end of run.\n\n{table}\n")
+        if pairs:
+            fh.write(f"\nSeed-paired differences against {baseline}: mean [{args.confidence:.0%} paired Student-t "
+                     f"interval]; * marks an interval that excludes 0.\n\n{pairs}\n")
     print(table)
+    if pairs:
+        print(f"\nseed-paired differences against {baseline} (mean [{args.confidence:.0%} paired t-interval], "
+              f"* excludes 0):")
+        print(pairs)
     print(f"[nemo-entropy compare] {len(todo)} runs in {time.perf_counter() - started:.0f} s "
           f"({total - len(todo)} reused)")
     print(f"[nemo-entropy compare] plot:    {png}")

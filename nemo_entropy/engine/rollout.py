@@ -8,6 +8,7 @@ sample is the same whichever rank generates it and whatever else is in its batch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -114,6 +115,7 @@ class Rollout:
         mask: valid response tokens (up to and including EOS).
         rewards, advantages: per sample.
         old_logprobs, entropy: per token, from the policy that generated the data.
+        prob_logprob_cov: per token, ``Cov_{a~pi}(log pi(a), pi(a))`` of that policy (the diagnostics' Theorem 1).
     """
 
     sample_ids: torch.Tensor
@@ -124,6 +126,57 @@ class Rollout:
     advantages: torch.Tensor
     old_logprobs: torch.Tensor
     entropy: torch.Tensor
+    prob_logprob_cov: Optional[torch.Tensor] = None
+
+
+def generate_samples(policy: TinyPolicy, task: Task, operands: torch.Tensor, *, sample_ids, seed: int, step: int,
+                     temperature: float, micro_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prompts, responses)`` of the problems ``operands``, sample ``i`` drawn with the noise of global sample index
+    ``sample_ids[i]`` (so a sample is the same whichever rank, batch or generation batch draws it)."""
+    prompts = task.prompts(operands)
+    ids = [int(i) for i in sample_ids]
+    if not ids:
+        return prompts, torch.empty(0, task.max_response_length, dtype=torch.long)
+    noise = gumbel_noise(ids, seed=seed, step=step, length=task.max_response_length, vocab_size=policy.vocab_size)
+    responses = torch.cat([
+        generate(policy, prompts[i : i + micro_batch_size], max_new_tokens=task.max_response_length,
+                 temperature=temperature, noise=noise[i : i + micro_batch_size])
+        for i in range(0, len(ids), micro_batch_size)
+    ])
+    return prompts, responses
+
+
+def prob_logprob_cov(policy: TinyPolicy, prompts: torch.Tensor, responses: torch.Tensor, *,
+                     temperature: float) -> torch.Tensor:
+    """``Cov_{a~pi}(log pi(a), pi(a)) = sum_a pi(a)^2 (log pi(a) + H)`` per response token (float64 over the full
+    vocabulary, no gradient): the term of the paper's Theorem 1 for a sampled token that the diagnostics need."""
+    with torch.no_grad():
+        inputs = torch.cat([prompts, responses[:, :-1]], dim=1)
+        hidden = policy.hidden_states(inputs)[:, prompts.shape[1] - 1:]
+        logp = torch.log_softmax(policy.full_logits(hidden).double() / temperature, dim=-1)
+        p = logp.exp()
+        entropy = -(p * logp).sum(-1, keepdim=True)
+        return (p * p * (logp + entropy)).sum(-1).float()
+
+
+def scored_rollout(policy: TinyPolicy, *, sample_ids: torch.Tensor, prompts: torch.Tensor, responses: torch.Tensor,
+                   rewards: torch.Tensor, advantages: torch.Tensor, temperature: float,
+                   micro_batch_size: int) -> Rollout:
+    """The :class:`Rollout` of these samples: the generating policy's log-probs, full-vocabulary entropy and
+    :func:`prob_logprob_cov` (no gradient) added to what generation and the verifier gave."""
+    with torch.no_grad():
+        parts = [
+            score(policy, prompts[i : i + micro_batch_size], responses[i : i + micro_batch_size], temperature=temperature)
+            + (prob_logprob_cov(policy, prompts[i : i + micro_batch_size], responses[i : i + micro_batch_size],
+                                temperature=temperature),)
+            for i in range(0, prompts.shape[0], micro_batch_size)
+        ]
+    length = responses.shape[1]
+    entropy, old_logprobs, cov = (torch.cat([p[k] for p in parts]) if parts else torch.empty(0, length)
+                                  for k in range(3))
+    return Rollout(sample_ids=sample_ids, prompts=prompts, responses=responses, mask=response_mask(responses),
+                   rewards=rewards, advantages=advantages, old_logprobs=old_logprobs.float(), entropy=entropy.float(),
+                   prob_logprob_cov=cov.float())
 
 
 def collect_rollout(
@@ -147,41 +200,21 @@ def collect_rollout(
     returns the rewards of *every* sample of the step in global order (an all-gather over DP), because a
     group's baseline needs all its members.
     """
-    prompts = task.prompts(operands)
-    noise = gumbel_noise(sample_ids, seed=seed, step=step, length=task.max_response_length, vocab_size=policy.vocab_size)
-    responses = torch.cat(
-        [
-            generate(
-                policy,
-                prompts[i : i + micro_batch_size],
-                max_new_tokens=task.max_response_length,
-                temperature=temperature,
-                noise=noise[i : i + micro_batch_size],
-            )
-            for i in range(0, len(sample_ids), micro_batch_size)
-        ]
-    ) if sample_ids else torch.empty(0, task.max_response_length, dtype=torch.long)
+    prompts, responses = generate_samples(policy, task, operands, sample_ids=sample_ids, seed=seed, step=step,
+                                          temperature=temperature, micro_batch_size=micro_batch_size)
     rewards = task.rewards(operands, responses)
     every_reward = all_rewards_fn(rewards)
     advantages = group_advantages(every_reward, group_size, normalize=normalize_rewards, leave_one_out=leave_one_out)
     ids = torch.tensor(sample_ids, dtype=torch.long)
-    with torch.no_grad():
-        parts = [
-            score(policy, prompts[i : i + micro_batch_size], responses[i : i + micro_batch_size], temperature=temperature)
-            for i in range(0, len(sample_ids), micro_batch_size)
-        ]
-    entropy = torch.cat([p[0] for p in parts])
-    old_logprobs = torch.cat([p[1] for p in parts])
-    return Rollout(
-        sample_ids=ids,
-        prompts=prompts,
-        responses=responses,
-        mask=response_mask(responses),
-        rewards=rewards,
-        advantages=advantages[ids],
-        old_logprobs=old_logprobs.float(),
-        entropy=entropy.float(),
-    )
+    return scored_rollout(policy, sample_ids=ids, prompts=prompts, responses=responses, rewards=rewards,
+                          advantages=advantages[ids], temperature=temperature, micro_batch_size=micro_batch_size)
+
+
+def uniform_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per group of ``group_size`` consecutive samples: True when all its rewards are equal (zero advantage, no
+    signal: what dynamic sampling drops)."""
+    grouped = rewards.view(-1, group_size)
+    return (grouped == grouped[:, :1]).all(1)
 
 
 @torch.no_grad()

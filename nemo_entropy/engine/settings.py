@@ -21,7 +21,8 @@ from .task import build_task, task_settings
 # the engine hands loss_config only what it knows, and says which keys it dropped.
 ENGINE_KEYS = {
     "nproc", "tp_size", "threads_per_process", "model", "task", "warm_start", "progress_bar", "plot",
-    "num_val_problems", "log_examples", "pass_at_k", "resume_allow_changes",
+    "num_val_problems", "log_examples", "pass_at_k", "resume_allow_changes", "ppo_epochs", "step_diagnostics",
+    "entropy_change_check",
 }
 MODEL_KEYS = {
     "arch", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads", "num_key_value_heads",
@@ -109,6 +110,27 @@ class EngineSettings:
     progress_bar: bool
     plot: bool
     resume_allow_changes: tuple[str, ...] = ()
+    optimizer: str = "adamw"
+    """``adamw`` (``torch.optim.AdamW`` / ``Adam``) or ``sgd`` (``torch.optim.SGD``: plain SGD, no momentum, the
+    first-order setting of the paper's Theorem 1, for ``entropy_change_check``)."""
+    ppo_epochs: int = 1
+    """Passes over each rollout (verl's ``actor.ppo_epochs``; NeMo-RL makes one): every pass runs the rollout's
+    mini-batches in the same order against the same old log-probs, each optimizer step with its own plan."""
+    use_dynamic_sampling: bool = False
+    """NeMo-RL's ``grpo.use_dynamic_sampling`` (DAPO): groups whose rewards are all equal are dropped, and more
+    generation batches are drawn until ``num_prompts_per_step`` groups with signal are collected."""
+    dynamic_sampling_max_gen_batches: int = 10
+    batch_multiplier: float = 1.0
+    """NeMo-RL's ``grpo.batch_multiplier``: with dynamic sampling, each generation batch has
+    ``int(num_prompts_per_step * batch_multiplier)`` prompts."""
+    step_diagnostics: int = 10
+    """Per-pass diagnostics of the covariance selection (docs/engine.md): every RL step, the selected tokens'
+    ``log r < 0`` fraction and the fraction of optimizer steps whose penalty gradient is exactly 0; every
+    ``step_diagnostics``-th RL step also their share of the policy-gradient norm (two more backward passes per
+    micro-batch). 0 turns them off."""
+    entropy_change_check: bool = False
+    """After every optimizer step, re-score its mini-batch: the observed entropy change on the same tokens and
+    Lemma 1's first-order prediction from the measured logit change (one more forward per step)."""
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
@@ -120,8 +142,20 @@ class EngineSettings:
         return self.num_prompts_per_step * self.num_generations_per_prompt
 
     @property
-    def optimizer_steps_per_rollout(self) -> int:
+    def minibatches_per_rollout(self) -> int:
         return self.samples_per_step // self.train_global_batch_size
+
+    @property
+    def optimizer_steps_per_rollout(self) -> int:
+        return self.minibatches_per_rollout * self.ppo_epochs
+
+    @property
+    def prompts_per_generation_batch(self) -> int:
+        """Prompts of one generation batch (``num_prompts_per_step``; times ``batch_multiplier`` with dynamic
+        sampling, as NeMo-RL's ``setup`` computes it)."""
+        if not self.use_dynamic_sampling:
+            return self.num_prompts_per_step
+        return int(self.num_prompts_per_step * self.batch_multiplier)
 
     @classmethod
     def from_config(cls, cfg: Any, *, world_size: Optional[int] = None) -> "EngineSettings":
@@ -188,8 +222,25 @@ class EngineSettings:
 
         kwargs = _select(raw, "policy.optimizer.kwargs", {}) or {}
         opt_name = _select(raw, "policy.optimizer.name", "torch.optim.AdamW")
-        if opt_name not in ("torch.optim.AdamW", "torch.optim.Adam", "adamw", "adam"):
-            raise _bad("policy.optimizer.name", opt_name, "the local engine supports torch.optim.AdamW / Adam")
+        if opt_name not in ("torch.optim.AdamW", "torch.optim.Adam", "adamw", "adam", "torch.optim.SGD", "sgd"):
+            raise _bad("policy.optimizer.name", opt_name, "the local engine supports torch.optim.AdamW / Adam / SGD")
+        optimizer = "sgd" if opt_name in ("torch.optim.SGD", "sgd") else "adamw"
+        if optimizer == "sgd" and kwargs.get("momentum", 0.0) not in (0, 0.0):
+            raise _bad("policy.optimizer.kwargs.momentum", kwargs.get("momentum"),
+                       "the local engine's SGD is plain SGD (0): the first-order check needs the step to be -lr x grad")
+        dynamic = _select(raw, "grpo.use_dynamic_sampling", False)
+        if not isinstance(dynamic, bool):
+            raise _bad("grpo.use_dynamic_sampling", dynamic, "expected true or false")
+        max_gen_batches = _positive_int(raw, "grpo.dynamic_sampling_max_gen_batches", 10)
+        multiplier = _select(raw, "grpo.batch_multiplier", 1.0)
+        if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not multiplier >= 1.0:
+            raise _bad("grpo.batch_multiplier", multiplier, "expected a number >= 1")
+        if multiplier != 1.0 and not dynamic:
+            raise _bad("grpo.batch_multiplier", multiplier,
+                       "batch_multiplier > 1 needs grpo.use_dynamic_sampling=true (as in NeMo-RL)")
+        check = _select(raw, "engine.entropy_change_check", None)
+        if check is not None and not isinstance(check, bool):
+            raise _bad("engine.entropy_change_check", check, "expected true or false")
         lr = _positive_float({"lr": kwargs.get("lr", 1e-3)}, "lr", 1e-3)
         betas = tuple(float(b) for b in kwargs.get("betas", (0.9, 0.999)))
         max_grad_norm = _select(raw, "policy.max_grad_norm", 1.0)
@@ -252,6 +303,13 @@ class EngineSettings:
             progress_bar=bool(_select(raw, "engine.progress_bar", True)),
             plot=bool(_select(raw, "engine.plot", True)),
             resume_allow_changes=_resume_allow_changes(_select(raw, "engine.resume_allow_changes", [])),
+            optimizer=optimizer,
+            ppo_epochs=_positive_int(raw, "engine.ppo_epochs", 1),
+            use_dynamic_sampling=dynamic,
+            dynamic_sampling_max_gen_batches=max_gen_batches,
+            batch_multiplier=float(multiplier),
+            step_diagnostics=_non_negative_int(raw, "engine.step_diagnostics", 10),
+            entropy_change_check=bool(_select(raw, "engine.entropy_change_check", False)),
             raw=dict(raw),
         )
 

@@ -42,8 +42,10 @@ from .processes import (all_gather_objects, barrier, broadcast_object, group_all
 from .progress import Progress
 from .passk import correct_counts, pass_at_k_metrics
 from .plot import plot_run
-from .rollout import Rollout, collect_rollout, greedy_accuracy, score
+from .rollout import (Rollout, collect_rollout, generate_samples, greedy_accuracy, group_advantages, score,
+                      scored_rollout, uniform_groups)
 from .settings import EngineSettings
+from .step_diagnostics import EntropyChangeCheck, StepDiagnostics
 from .task import build_task, stream_seed
 from .warm_start import load_or_run_warm_start, warm_start_key
 
@@ -105,12 +107,17 @@ class GRPOTrainer:
         self.controls = ControlSet(self.loss_cfg)
         self.max_positions = self.task.prompt_length + self.task.max_response_length
         self.policy = self._build_policy(layout.tp_group, layout.tp_rank, layout.tp_size)
-        self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps,
-            weight_decay=settings.weight_decay,
-        )
+        if settings.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.policy.parameters(), lr=settings.lr,
+                                             weight_decay=settings.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(
+                self.policy.parameters(), lr=settings.lr, betas=settings.betas, eps=settings.eps,
+                weight_decay=settings.weight_decay,
+            )
         self.step = 0
         self.optimizer_step = 0
+        self.generation_metrics: dict[str, float] = {}
         self.resumed_from: Optional[int] = None
         self.warm_start_info: dict[str, Any] = {}
         self.is_logger = layout.rank == 0
@@ -178,7 +185,7 @@ class GRPOTrainer:
         per_rank = gbs // dp
         return [
             j * gbs + self.layout.dp_rank * per_rank + i
-            for j in range(self.s.optimizer_steps_per_rollout)
+            for j in range(self.s.minibatches_per_rollout)
             for i in range(per_rank)
         ]
 
@@ -186,6 +193,10 @@ class GRPOTrainer:
         return self.layout.groups.token_all_gather(tensor)
 
     def rollout(self, step: int) -> Rollout:
+        """This rank's rows of the step's rollout; with dynamic sampling, of the groups with signal
+        (:meth:`_dynamic_rollout`). What the generation saw is in :attr:`generation_metrics`."""
+        if self.s.use_dynamic_sampling:
+            return self._dynamic_rollout(step)
         operands = self.task.sample_operands(self.s.num_prompts_per_step, stream_seed(self.s.seed, "train", step))
         operands = operands.repeat_interleave(self.s.num_generations_per_prompt, dim=0)
         ids = self.local_sample_ids()
@@ -196,12 +207,71 @@ class GRPOTrainer:
             out[all_ids] = self._gather_dp(local)
             return out
 
+        self.generation_metrics = {}
         return collect_rollout(
             self.policy, self.task, sample_ids=ids, operands=operands[ids], all_rewards_fn=every_reward,
             group_size=self.s.num_generations_per_prompt, seed=self.s.seed, step=step,
             temperature=self.s.temperature, normalize_rewards=self.s.normalize_rewards,
             leave_one_out=self.s.leave_one_out_baseline, micro_batch_size=self.s.generation_batch_size,
         )
+
+    def _dynamic_rollout(self, step: int) -> Rollout:
+        """NeMo-RL's dynamic sampling (``grpo.use_dynamic_sampling``, DAPO): draw generation batches of
+        ``prompts_per_generation_batch`` prompts, keep the groups whose rewards are not all equal, until
+        ``num_prompts_per_step`` such groups are collected; the first ones in generation order are trained on, the
+        rest are discarded. As NeMo-RL, more than ``dynamic_sampling_max_gen_batches`` batches is an error.
+
+        Layout invariance: each generation batch is split over the DP ranks by global sample index (a sample's
+        problem and noise derive from ``(seed, step, batch)`` and its index), the responses and rewards are
+        all-gathered, and every rank then takes its slice of the kept samples exactly as without dynamic sampling.
+        """
+        s, g = self.s, self.s.num_generations_per_prompt
+        per_batch = s.prompts_per_generation_batch * g
+        need = s.samples_per_step
+        operands, responses, rewards, gen_ids, generated = [], [], [], [], []
+        kept = batches = 0
+        while kept < need:
+            if batches > s.dynamic_sampling_max_gen_batches:
+                raise RuntimeError(
+                    f"dynamic sampling drew {batches} generation batches (grpo.dynamic_sampling_max_gen_batches="
+                    f"{s.dynamic_sampling_max_gen_batches}) and found {kept // g} of the {s.num_prompts_per_step} groups "
+                    f"with unequal rewards it needs at step {step}: raise grpo.dynamic_sampling_max_gen_batches or "
+                    f"grpo.batch_multiplier, or lower grpo.num_prompts_per_step")
+            batches += 1
+            stream = stream_seed(s.seed, "train", step) if batches == 1 else stream_seed(
+                s.seed, "train", step, "dynamic_sampling", batches)
+            batch_ops = self.task.sample_operands(s.prompts_per_generation_batch, stream).repeat_interleave(g, dim=0)
+            ids = torch.arange(per_batch) + (batches - 1) * per_batch
+            mine = torch.tensor_split(torch.arange(per_batch), self.layout.dp_size)[self.layout.dp_rank]
+            _, local = generate_samples(self.policy, self.task, batch_ops[mine], sample_ids=ids[mine], seed=s.seed,
+                                        step=step, temperature=s.temperature, micro_batch_size=s.generation_batch_size)
+            local_rewards = self.task.rewards(batch_ops[mine], local)
+            parts = all_gather_objects((local, local_rewards), self.layout.dp_group)
+            batch_responses = torch.cat([p[0] for p in parts])
+            batch_rewards = torch.cat([p[1] for p in parts])
+            generated.append(batch_rewards)
+            keep = (~uniform_groups(batch_rewards, g)).repeat_interleave(g)
+            operands.append(batch_ops[keep])
+            responses.append(batch_responses[keep])
+            rewards.append(batch_rewards[keep])
+            gen_ids.append(ids[keep])
+            kept += int(keep.sum())
+        every = torch.cat(generated)
+        self.generation_metrics = {
+            "reward_mean_generated": float(every.double().mean()),
+            "zero_advantage_group_fraction_generated": float(uniform_groups(every, g).double().mean()),
+            "dynamic_sampling_num_gen_batches": float(batches),
+            "dynamic_sampling_num_discarded_valid_samples": float(kept - need),
+        }
+        rewards_kept = torch.cat(rewards)[:need]
+        advantages = group_advantages(rewards_kept, g, normalize=s.normalize_rewards,
+                                      leave_one_out=s.leave_one_out_baseline)
+        rows = torch.tensor(self.local_sample_ids(), dtype=torch.long)
+        ops = torch.cat(operands)[:need][rows]
+        return scored_rollout(self.policy, sample_ids=torch.cat(gen_ids)[:need][rows], prompts=self.task.prompts(ops),
+                              responses=torch.cat(responses)[:need][rows], rewards=rewards_kept[rows],
+                              advantages=advantages[rows], temperature=s.temperature,
+                              micro_batch_size=s.generation_batch_size)
 
     def _all_reduce_grads(self) -> float:
         """Sum gradients over DP, clip by the global norm; returns the norm before clipping."""
@@ -229,51 +299,86 @@ class GRPOTrainer:
         return norm
 
     def train_on(self, rollout: Rollout) -> dict[str, float]:
-        """The optimizer steps of one rollout; returns loss metrics averaged over optimizer steps."""
+        """The optimizer steps of one rollout (``ppo_epochs`` passes over its mini-batches); returns loss metrics
+        averaged over optimizer steps, and the per-pass diagnostics (:class:`StepDiagnostics`)."""
         cfg, groups = self.loss_cfg, self.layout.groups
         per_rank = self.s.train_global_batch_size // self.layout.dp_size
         length = rollout.responses.shape[1]
         wants_entropy = "entropy" in self.controls.needs
         # Controls that compute their own per-token values from the logits (AEnt's clamped entropy) get the shard.
         logit_values = self.controls.logit_values if "logits" in self.controls.needs else None
+        diagnose = self.s.step_diagnostics > 0 and any(c.selects_tokens for c in self.controls)
+        gradient_shares = diagnose and (self.step + 1) % self.s.step_diagnostics == 0
+        penalised = any(c.name == "kl_cov" for c in self.controls)
         totals: dict[str, float] = {}
         grad_norms = []
         selected_counts = []
-        for j in range(self.s.optimizer_steps_per_rollout):
-            rows = slice(j * per_rank, (j + 1) * per_rank)
-            old, mask = rollout.old_logprobs[rows], rollout.mask[rows]
-            adv = rollout.advantages[rows, None].expand(-1, length).contiguous()
-            uids = token_uids_for(rollout.sample_ids[rows], length)
-            # Every collective of the step's controls happens here, once (nemo_entropy.plan).
-            plan = build_step_plan(cfg, StepInputs(old, adv, mask, uids, old_entropy=rollout.entropy[rows]),
-                                   step=self.optimizer_step, groups=groups, controls=self.controls)
-            self.optimizer.zero_grad(set_to_none=True)
-            step_metrics: dict[str, float] = {}
-            for start in range(0, per_rank, self.s.train_micro_batch_size):
-                local = slice(start, min(per_rank, start + self.s.train_micro_batch_size))
-                mb = slice(j * per_rank + local.start, j * per_rank + local.stop)
-                entropy, logprobs, *values = self._score(rollout.prompts[mb], rollout.responses[mb],
-                                                         logit_values=logit_values)
-                loss, metrics = policy_loss(cfg, logprobs, old[local], adv[local], mask[local], plan=plan.rows(local),
-                                            entropy=entropy if wants_entropy else None, controls=self.controls,
-                                            token_uids=uids[local], logit_values=values[0] if values else None)
-                loss.backward()
-                accumulate_metrics(step_metrics, metrics)
-            grad_norms.append(self._all_reduce_grads())
-            self.optimizer.step()
-            self.optimizer_step += 1
-            self.controls.update(plan)  # recorded; the controllers move at end_rollout()
-            step_metrics = self._reduce_over_dp(step_metrics)
-            step_metrics.pop("num_valid_tokens", None)
-            selected = plan.global_selected_tokens
-            selected_counts.append(selected if selected is not None
-                                   else step_metrics.get("selected_fraction", 0.0) * plan.global_valid_tokens)
-            accumulate_metrics(totals, step_metrics, divisor=self.s.optimizer_steps_per_rollout)
+        for epoch in range(self.s.ppo_epochs):
+            passed = StepDiagnostics(epoch + 1, gradient_shares) if diagnose else None
+            for j in range(self.s.minibatches_per_rollout):
+                rows = slice(j * per_rank, (j + 1) * per_rank)
+                old, mask = rollout.old_logprobs[rows], rollout.mask[rows]
+                adv = rollout.advantages[rows, None].expand(-1, length).contiguous()
+                uids = token_uids_for(rollout.sample_ids[rows], length)
+                # Every collective of the step's controls happens here, once (nemo_entropy.plan).
+                cov = rollout.prob_logprob_cov
+                plan = build_step_plan(cfg, StepInputs(old, adv, mask, uids, old_entropy=rollout.entropy[rows],
+                                                       old_prob_logprob_cov=None if cov is None else cov[rows]),
+                                       step=self.optimizer_step, groups=groups, controls=self.controls)
+                self.optimizer.zero_grad(set_to_none=True)
+                check = EntropyChangeCheck(self, rollout, rows) if self.s.entropy_change_check else None
+                step_metrics: dict[str, float] = {}
+                for start in range(0, per_rank, self.s.train_micro_batch_size):
+                    local = slice(start, min(per_rank, start + self.s.train_micro_batch_size))
+                    mb = slice(j * per_rank + local.start, j * per_rank + local.stop)
+                    entropy, logprobs, *values = self._score(rollout.prompts[mb], rollout.responses[mb],
+                                                             logit_values=logit_values)
+                    mb_plan = plan.rows(local)
+                    loss, metrics = policy_loss(cfg, logprobs, old[local], adv[local], mask[local], plan=mb_plan,
+                                                entropy=entropy if wants_entropy else None, controls=self.controls,
+                                                token_uids=uids[local], logit_values=values[0] if values else None)
+                    if passed is not None:
+                        passed.micro_batch(self, cfg, logprobs, old[local], adv[local], mask[local], mb_plan)
+                    loss.backward()
+                    accumulate_metrics(step_metrics, metrics)
+                grad_norms.append(self._all_reduce_grads())
+                self.optimizer.step()
+                self.optimizer_step += 1
+                self.controls.update(plan)  # recorded; the controllers move at end_rollout()
+                step_metrics = self._reduce_over_dp(step_metrics)
+                step_metrics.pop("num_valid_tokens", None)
+                if check is not None:
+                    step_metrics.update(check.after_step())
+                if passed is not None:
+                    passed.end_step(self, penalised)
+                selected = plan.global_selected_tokens
+                selected_counts.append(selected if selected is not None
+                                       else step_metrics.get("selected_fraction", 0.0) * plan.global_valid_tokens)
+                accumulate_metrics(totals, step_metrics, divisor=self.s.optimizer_steps_per_rollout)
+            if passed is not None:
+                totals.update(passed.metrics())
         self.controls.end_rollout()  # controllers move once per rollout (loss_fn.controller_update: rollout)
         totals["grad_norm"] = sum(grad_norms) / len(grad_norms)
         totals["selected_tokens"] = sum(selected_counts)
         totals["optimizer_steps"] = float(self.s.optimizer_steps_per_rollout)
         return totals
+
+    def _flat_grads(self, loss: torch.Tensor) -> torch.Tensor:
+        """The gradient of ``loss`` over the policy's parameters, flattened (replicated parameters first)."""
+        params = list(self.policy.replicated_parameters()) + list(self.policy.sharded_parameters())
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+                          for g, p in zip(grads, params)])
+
+    def _global_norm(self, flat: torch.Tensor) -> float:
+        """The norm of a gradient built by :meth:`_flat_grads` and summed over micro-batches: summed over DP, the
+        sharded part's square summed over TP (as :meth:`_all_reduce_grads`)."""
+        if self.layout.dp_group is not None:
+            group_all_reduce(flat, self.layout.dp_group, "sum")
+        n_rep = sum(p.numel() for p in self.policy.replicated_parameters())
+        sharded = flat[n_rep:].pow(2).sum().reshape(1)
+        tp_all_reduce(self.layout.tp_group, sharded, "sum")
+        return float(flat[:n_rep].pow(2).sum() + sharded) ** 0.5
 
     def _score(self, prompts, responses, logit_values=None):
         return score(self.policy, prompts, responses, temperature=self.s.temperature, logit_values=logit_values)
@@ -308,6 +413,15 @@ class GRPOTrainer:
             "truncated_fraction": float(truncated.double().mean()),
         }
         out.update(entropy_summary(entropy, mask))
+        if self.s.use_dynamic_sampling:
+            # reward_mean and the zero-advantage fraction stay those of every sample the policy generated (what a
+            # run without dynamic sampling logs, and the law's performance); the trained groups' own mean is apart
+            out["reward_mean_trained"] = out["reward_mean"]
+            gen = self.generation_metrics
+            out["reward_mean"] = gen["reward_mean_generated"]
+            out["zero_advantage_group_fraction"] = gen["zero_advantage_group_fraction_generated"]
+            out["dynamic_sampling_num_gen_batches"] = gen["dynamic_sampling_num_gen_batches"]
+            out["dynamic_sampling_num_discarded_valid_samples"] = gen["dynamic_sampling_num_discarded_valid_samples"]
         return out
 
     def validate(self) -> float:

@@ -17,10 +17,10 @@ from fractions import Fraction
 from typing import Optional, Sequence
 
 from .agreement import law_agreement
-from .entropy_change import entropy_change_correlation
+from .entropy_change import entropy_change_correlation, same_step_correlation
 from .heldout import (DEFAULT_BOOTSTRAP, DEFAULT_FIT_FRACTION, MIN_BOOTSTRAP, RunLaw, check_bootstrap,
                       check_split_options, fit_run)
-from .keys import ENTROPY_KEYS, PERFORMANCE_KEYS, PREDICTION_KEYS, STEP_COLUMNS, resolve_key
+from .keys import ENTROPY_KEYS, OBSERVED_CHANGE_KEYS, PERFORMANCE_KEYS, PREDICTION_KEYS, STEP_COLUMNS, resolve_key
 from .plot import default_plot_path, plot_laws
 from .readers import SOURCES, read_run
 from .series import LawInputError, pair_series
@@ -98,6 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--prediction-key", default=None, metavar="KEY",
                           help=f"the predicted entropy change per step (default: the first present of "
                                f"{', '.join(PREDICTION_KEYS)})")
+    diagnose.add_argument("--observed-key", default=None, metavar="KEY",
+                          help=f"an entropy change measured at step t on the prediction's own tokens, paired at the same "
+                               f"step (default: the first present of {', '.join(OBSERVED_CHANGE_KEYS)}, logged by "
+                               f"engine.entropy_change_check; else H(t+1) - H(t) of the entropy key)")
     diagnose.set_defaults(handler=_diagnose_command)
     return parser
 
@@ -206,14 +210,21 @@ def _diagnose_command(args) -> int:
     entropy_key = resolve_key(scalars, args.entropy_key, ENTROPY_KEYS, role="entropy", flag="--entropy-key")
     prediction_key = resolve_key(scalars, args.prediction_key, PREDICTION_KEYS, role="predicted entropy change",
                                  flag="--prediction-key", hint=_PREDICTION_HINT)
-    steps, entropy = scalars.column(entropy_key)
+    observed_key = None
+    if args.observed_key is not None or any(k in scalars.keys() for k in OBSERVED_CHANGE_KEYS):
+        observed_key = resolve_key(scalars, args.observed_key, OBSERVED_CHANGE_KEYS, role="observed entropy change",
+                                   flag="--observed-key")
+    steps, entropy = scalars.column(observed_key or entropy_key)
     _, predicted = scalars.column(prediction_key)
     try:
-        result = entropy_change_correlation(steps, entropy, predicted)
+        if observed_key:
+            result = same_step_correlation(steps, entropy, predicted)
+        else:
+            result = entropy_change_correlation(steps, entropy, predicted)
     except LawInputError as exc:
-        raise LawInputError(f"{scalars.path}: {exc} [entropy {entropy_key!r}, prediction {prediction_key!r}]") \
-            from None
-    out = {"correlation": result.correlation, "n": result.n, "entropy_key": entropy_key,
+        raise LawInputError(f"{scalars.path}: {exc} [entropy {observed_key or entropy_key!r}, prediction "
+                            f"{prediction_key!r}]") from None
+    out = {"correlation": result.correlation, "n": result.n, "entropy_key": entropy_key, "observed_key": observed_key,
            "prediction_key": prediction_key, "slope": result.slope, "n_unpaired": result.n_unpaired,
            "run": scalars.path, "source": scalars.source}
     if args.json:
@@ -221,8 +232,12 @@ def _diagnose_command(args) -> int:
             print(f"{scalars.path}: note: {note}", file=sys.stderr)
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{args.run} ({scalars.source}): observed H(t+1) - H(t) of {entropy_key!r} against {prediction_key!r} "
-          f"logged at t")
+    if observed_key:
+        print(f"{args.run} ({scalars.source}): observed change {observed_key!r} (same tokens, same step) against "
+              f"{prediction_key!r}")
+    else:
+        print(f"{args.run} ({scalars.source}): observed H(t+1) - H(t) of {entropy_key!r} against {prediction_key!r} "
+              f"logged at t")
     print(f"  correlation {result.correlation:.4f} over n = {result.n} pairs "
           f"(slope of observed on predicted {result.slope:.4g}; {result.n_unpaired} steps without a next step)")
     for note in scalars.notes:

@@ -67,6 +67,27 @@ def entropy_change_correlation(steps, entropy, predicted_change) -> EntropyChang
     if len(observed) < MIN_PAIRS:
         raise LawInputError(f"only {len(observed)} (t, t+1) pairs with entropy at both steps and a prediction "
                             f"at t; the correlation needs at least {MIN_PAIRS}")
+    return _pearson(observed, predicted, unpaired)
+
+
+def same_step_correlation(steps, observed_change, predicted_change) -> EntropyChangeCorrelation:
+    """Correlate an observed entropy change logged at step t *on the same tokens as the prediction* (the engine's
+    ``entropy_change_observed``, ``engine.entropy_change_check``) with the prediction logged at t: same-step pairs,
+    so rollout-to-rollout noise in ``H(t+1) - H(t)`` (other prompts, other samples) does not enter."""
+    steps = np.asarray(steps)
+    obs = np.asarray(observed_change, dtype=np.float64)
+    pred = np.asarray(predicted_change, dtype=np.float64)
+    if not (steps.ndim == obs.ndim == pred.ndim == 1 and steps.size == obs.size == pred.size):
+        raise LawInputError(f"steps, observed_change and predicted_change must be 1-D of equal length; got shapes "
+                            f"{steps.shape}, {obs.shape}, {pred.shape}")
+    both = np.isfinite(obs) & np.isfinite(pred)
+    if int(both.sum()) < MIN_PAIRS:
+        raise LawInputError(f"only {int(both.sum())} steps with both an observed and a predicted change; the "
+                            f"correlation needs at least {MIN_PAIRS}")
+    return _pearson(obs[both].tolist(), pred[both].tolist(), 0)
+
+
+def _pearson(observed, predicted, unpaired: int) -> EntropyChangeCorrelation:
     obs, prd = np.asarray(observed), np.asarray(predicted)
     for name, values in (("observed change", obs), ("predicted change", prd)):
         # Differences of equal entropies differ in the last bits, so "constant" means up to rounding.

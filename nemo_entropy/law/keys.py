@@ -28,6 +28,8 @@ PERFORMANCE_KEYS = ("val_accuracy", "validation/accuracy", "val/accuracy",
 # start with "entropy" go under ``entropy/``) and the NeMo-RL adapter (``train/``) would log it.
 PREDICTION_KEYS = ("entropy_change_predicted", "entropy/entropy_change_predicted",
                    "train/entropy_change_predicted")
+# The entropy change measured on the prediction's own tokens after its step (engine.entropy_change_check).
+OBSERVED_CHANGE_KEYS = ("entropy_change_observed", "entropy/entropy_change_observed")
 STEP_COLUMNS = ("step", "Step", "_step", "global_step")
 
 
