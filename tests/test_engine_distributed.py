@@ -23,7 +23,9 @@ from .test_engine import TIMING_KEYS, read, tiny_overrides
 # soon a near-tie flips a sampled token depends on the CPU's vector unit (torch picks AVX-512 / AVX2 / default
 # kernels per machine), after which two correct runs follow different trajectories.
 EXACT_KEYS = {"reward_mean", "zero_advantage_group_fraction", "response_length_mean", "truncated_fraction",
-              "selected_fraction", "selected_tokens", "optimizer_steps", "lr", "val_accuracy"}
+              "selected_fraction", "selected_tokens", "optimizer_steps", "lr", "val_accuracy", "reward_mean_trained",
+              "dynamic_sampling_num_gen_batches", "dynamic_sampling_num_discarded_valid_samples",
+}
 
 
 def _full_weights(checkpoint_dir, step, tp_size):
@@ -35,13 +37,20 @@ def _full_weights(checkpoint_dir, step, tp_size):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("task, nproc, tp", [("addition", 4, 2), ("countdown", 2, 1)])
-def test_dp_by_tp_processes_match_one_process(tmp_path, task, nproc, tp):
+@pytest.mark.parametrize("task, nproc, tp, extra", [
+    ("addition", 4, 2, []),
+    ("countdown", 2, 1, []),                                             # 2 passes over the rollout (countdown.yaml)
+    # NeMo-RL's dynamic sampling: generation split over DP, the kept groups the same whatever the layout
+    ("countdown", 2, 1, ["grpo.use_dynamic_sampling=true", "grpo.batch_multiplier=1.5"]),
+])
+def test_dp_by_tp_processes_match_one_process(tmp_path, task, nproc, tp, extra):
     cache = str(tmp_path / "warm")
-    steps = 1  # the warm start's validation, one rollout, its two optimizer steps, pass@k after them
-    single = run_local(compose_config("local_kl_cov", tiny_overrides(tmp_path / "one", cache, steps=steps, task=task)))
+    steps = 1  # the warm start's validation, one rollout, its optimizer steps, pass@k after them
+    single = run_local(compose_config("local_kl_cov", tiny_overrides(tmp_path / "one", cache, steps=steps, task=task,
+                                                                     extra=extra)))
     multi = run_local(compose_config("local_kl_cov", tiny_overrides(
-        tmp_path / "four", cache, steps=steps, task=task, extra=[f"engine.nproc={nproc}", f"engine.tp_size={tp}"])))
+        tmp_path / "four", cache, steps=steps, task=task,
+        extra=[*extra, f"engine.nproc={nproc}", f"engine.tp_size={tp}"])))
     assert multi["layout"] == {"world_size": nproc, "dp_size": nproc // tp, "tp_size": tp}
     one, four = read(single["metrics_path"]), read(multi["metrics_path"])
     assert [r["step"] for r in one] == [r["step"] for r in four] == list(range(steps + 1))

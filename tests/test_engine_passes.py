@@ -105,7 +105,7 @@ def test_gradient_share_matches_a_brute_force_norm(tmp_path, cache_dir):
 
 
 def test_dynamic_sampling_trains_only_groups_with_signal(tmp_path, cache_dir):
-    trainer = _trainer(tmp_path, cache_dir, extra=["+grpo.use_dynamic_sampling=true", "+grpo.batch_multiplier=1.5"])
+    trainer = _trainer(tmp_path, cache_dir, extra=["grpo.use_dynamic_sampling=true", "grpo.batch_multiplier=1.5"])
     rollout = trainer.rollout(1)
     g = trainer.s.num_generations_per_prompt
     assert rollout.rewards.numel() == trainer.s.samples_per_step
@@ -125,8 +125,8 @@ def test_dynamic_sampling_trains_only_groups_with_signal(tmp_path, cache_dir):
 
 
 def test_dynamic_sampling_stops_after_max_gen_batches_as_nemo_rl(tmp_path, cache_dir, monkeypatch):
-    trainer = _trainer(tmp_path, cache_dir, extra=["+grpo.use_dynamic_sampling=true",
-                                                    "+grpo.dynamic_sampling_max_gen_batches=2"])
+    trainer = _trainer(tmp_path, cache_dir, extra=["grpo.use_dynamic_sampling=true",
+                                                    "grpo.dynamic_sampling_max_gen_batches=2"])
     calls = []
 
     def no_signal(operands, responses):
@@ -141,8 +141,8 @@ def test_dynamic_sampling_stops_after_max_gen_batches_as_nemo_rl(tmp_path, cache
 
 @pytest.mark.parametrize("override, key", [
     ("+engine.ppo_epochs=0", "engine.ppo_epochs"),
-    ("+grpo.batch_multiplier=2", "grpo.batch_multiplier"),
-    ("+grpo.use_dynamic_sampling=yes", "grpo.use_dynamic_sampling"),
+    ("grpo.batch_multiplier=2", "grpo.batch_multiplier"),
+    ("grpo.use_dynamic_sampling=yes", "grpo.use_dynamic_sampling"),
     ("+engine.step_diagnostics=-1", "engine.step_diagnostics"),
     ("+policy.optimizer.kwargs.momentum=0.9", "policy.optimizer.kwargs.momentum"),
 ])

@@ -25,8 +25,9 @@ from .plot import default_plot_path, plot_laws
 from .readers import SOURCES, read_run
 from .series import LawInputError, pair_series
 
-_PREDICTION_HINT = ("; the trainer logs it as entropy_change_predicted (-lr * Cov(log pi, pi A) per step) once "
-                    "the diagnostic is wired in: name another key with --prediction-key")
+_PREDICTION_HINT = ("; the local engine logs it as entropy_change_predicted (Theorem 1 for the step's sampled tokens; "
+                    "the NeMo-RL path has no per-token Cov_pi(log pi, pi) of the old policy to compute it): name "
+                    "another key with --prediction-key")
 
 
 def _fraction(text: str) -> Fraction:
@@ -89,9 +90,10 @@ def _parser() -> argparse.ArgumentParser:
 
     diagnose = commands.add_parser(
         "diagnose", help="correlation of the observed entropy change H(t+1) - H(t) with its predicted value",
-        description="Pair the predicted entropy change logged at step t (-lr * Cov(log pi, pi A)) with the "
-                    "observed change H(t+1) - H(t) and print their Pearson correlation over the run, the number "
-                    "of pairs, the slope of observed on predicted, and the keys used.")
+        description="Pair the predicted entropy change logged at step t (Theorem 1) with the observed change "
+                    "(measured on the same tokens at the same step when the run logs it, else H(t+1) - H(t)) and "
+                    "print their Pearson correlation over the run, the number of pairs, the slope of observed on "
+                    "predicted, and the keys used.")
     diagnose.add_argument("run", metavar="RUN",
                           help="run directory or metrics.jsonl, TensorBoard directory or event file, or CSV file")
     _add_source_args(diagnose)
