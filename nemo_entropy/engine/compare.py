@@ -127,26 +127,24 @@ def paired_table(paired: dict[str, dict[str, Any]], baseline: str, pass_ks: Sequ
     head += [f"pass@{k}" for k in present]
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
 
-    def cell(stat: dict[str, Any]) -> str:
-        if stat.get("mean") is None:
-            return "-"
-        if stat.get("low") is None:
-            return f"{stat['mean']:+.3f}"
-        return f"{stat['mean']:+.3f} [{stat['low']:+.3f}, {stat['high']:+.3f}]{_excludes_zero(stat)}"
-
     for name, p in paired.items():
         stats = p["stats"]
-        cells = [name, str(len(p["seeds"]))] + [cell(stats.get(k, {})) for k in PAIRED_KEYS]
-        cells += [cell(stats.get(f"pass@{k}", {})) for k in present]
+        cells = [name, str(len(p["seeds"]))] + [_fmt(stats.get(k, {}), paired=True) for k in PAIRED_KEYS]
+        cells += [_fmt(stats.get(f"pass@{k}", {}), paired=True) for k in present]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
-def _fmt(stat: dict[str, Any]) -> str:
+def _fmt(stat: dict[str, Any], paired: bool = False) -> str:
+    """``mean ± half`` (``paired``: a signed difference and its interval ``[low, high]``, ``*`` if it excludes 0);
+    the mean alone without an interval, ``-`` without a value."""
     if stat.get("mean") is None:
         return "-"
+    sign = "+" if paired else ""
     if stat.get("half") is None:
-        return f"{stat['mean']:.3f}"
+        return f"{stat['mean']:{sign}.3f}"
+    if paired:
+        return f"{stat['mean']:+.3f} [{stat['low']:+.3f}, {stat['high']:+.3f}]{_excludes_zero(stat)}"
     return f"{stat['mean']:.3f} ± {stat['half']:.3f}"
 
 

@@ -43,12 +43,7 @@ def entropy_change_correlation(steps, entropy, predicted_change) -> EntropyChang
     not logged at that step). Raises :class:`LawInputError` (a ValueError) for mismatched lengths, repeated
     steps, fewer than 3 pairs, or a constant observed or predicted change (no correlation is defined).
     """
-    steps = np.asarray(steps)
-    h = np.asarray(entropy, dtype=np.float64)
-    pred = np.asarray(predicted_change, dtype=np.float64)
-    if not (steps.ndim == h.ndim == pred.ndim == 1 and steps.size == h.size == pred.size):
-        raise LawInputError(f"steps, entropy and predicted_change must be 1-D of equal length; got shapes "
-                            f"{steps.shape}, {h.shape}, {pred.shape}")
+    steps, h, pred = _series(steps, entropy, predicted_change, "entropy")
     if steps.size and not np.issubdtype(steps.dtype, np.integer):
         raise LawInputError(f"steps must be integers; got dtype {steps.dtype}")
     if np.unique(steps).size != steps.size:
@@ -74,17 +69,24 @@ def same_step_correlation(steps, observed_change, predicted_change) -> EntropyCh
     """Correlate an observed entropy change logged at step t *on the same tokens as the prediction* (the engine's
     ``entropy_change_observed``, ``engine.entropy_change_check``) with the prediction logged at t: same-step pairs,
     so rollout-to-rollout noise in ``H(t+1) - H(t)`` (other prompts, other samples) does not enter."""
-    steps = np.asarray(steps)
-    obs = np.asarray(observed_change, dtype=np.float64)
-    pred = np.asarray(predicted_change, dtype=np.float64)
-    if not (steps.ndim == obs.ndim == pred.ndim == 1 and steps.size == obs.size == pred.size):
-        raise LawInputError(f"steps, observed_change and predicted_change must be 1-D of equal length; got shapes "
-                            f"{steps.shape}, {obs.shape}, {pred.shape}")
+    steps, obs, pred = _series(steps, observed_change, predicted_change, "observed_change")
     both = np.isfinite(obs) & np.isfinite(pred)
     if int(both.sum()) < MIN_PAIRS:
         raise LawInputError(f"only {int(both.sum())} steps with both an observed and a predicted change; the "
                             f"correlation needs at least {MIN_PAIRS}")
     return _pearson(obs[both].tolist(), pred[both].tolist(), 0)
+
+
+def _series(steps, values, predicted_change, name: str):
+    """``steps``, ``values`` and ``predicted_change`` as 1-D arrays of equal length (float64 values), or a
+    :class:`LawInputError` naming their shapes."""
+    steps = np.asarray(steps)
+    values = np.asarray(values, dtype=np.float64)
+    pred = np.asarray(predicted_change, dtype=np.float64)
+    if not (steps.ndim == values.ndim == pred.ndim == 1 and steps.size == values.size == pred.size):
+        raise LawInputError(f"steps, {name} and predicted_change must be 1-D of equal length; got shapes "
+                            f"{steps.shape}, {values.shape}, {pred.shape}")
+    return steps, values, pred
 
 
 def _pearson(observed, predicted, unpaired: int) -> EntropyChangeCorrelation:
