@@ -17,7 +17,7 @@ does not pay for torch.
 
 from .agreement import RULE as AGREEMENT_RULE
 from .agreement import LawAgreement, law_agreement
-from .entropy_change import EntropyChangeCorrelation, entropy_change_correlation
+from .entropy_change import EntropyChangeCorrelation, entropy_change_correlation, same_step_correlation
 from .fit import LawFit, LawIntervals, bootstrap_law, fit_law, predict_performance
 from .heldout import RunLaw, fit_run, split_points
 from .keys import ENTROPY_KEYS, PERFORMANCE_KEYS, PREDICTION_KEYS, resolve_key
@@ -26,6 +26,7 @@ from .series import LawInputError, RunScalars, RunSeries, pair_series
 
 __all__ = [
     "AGREEMENT_RULE", "LawAgreement", "law_agreement", "EntropyChangeCorrelation", "entropy_change_correlation",
+    "same_step_correlation",
     "LawFit", "LawIntervals", "bootstrap_law", "fit_law", "predict_performance", "RunLaw", "fit_run",
     "split_points", "ENTROPY_KEYS", "PERFORMANCE_KEYS", "PREDICTION_KEYS", "resolve_key", "read_run",
     "LawInputError", "RunScalars", "RunSeries", "pair_series",
