@@ -402,8 +402,7 @@ class GRPOTrainer:
         entropy = self._gather_dp(rollout.entropy)
         mask = self._gather_dp(rollout.mask)
         lengths = mask.sum(1).double()
-        grouped = rewards.view(-1, self.s.num_generations_per_prompt)
-        uniform = (grouped == grouped[:, :1]).all(1).double().mean()
+        uniform = uniform_groups(rewards, self.s.num_generations_per_prompt).double().mean()
         truncated = ~(self._gather_dp(rollout.responses) == 2).any(1)
         out = {
             "reward_mean": float(rewards.double().mean()),
