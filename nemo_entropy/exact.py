@@ -44,6 +44,10 @@ __all__ = [
     "chosen_from_merged",
     "exact_group_sums",
     "fixed_point_sum",
+    "fixed_point_sums",
+    "FixedPointAccumulator",
+    "as_rows",
+    "row_chunks",
     "FIXED_POINT_BITS",
     "too_large_message",
     "scores_from_means",
@@ -174,6 +178,102 @@ def fixed_point_sum(values, mask: Optional[torch.Tensor], world_size: int, scrat
     return q.to(torch.int64).sum(), 0
 
 
+# Fused passes: the per-token work runs over row chunks of about 2**18 tokens, every pass of a chunk while it is in
+# cache, so no step-sized temporary is made (an fp64 cast of the step, or a fresh step-sized work tensor, costs more
+# in page faults than the arithmetic). Elementwise the same operations as on the whole step: the same bits.
+_CHUNK_TOKENS = 1 << 18
+
+
+def as_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as ``[rows, length]`` (a view where the strides allow)."""
+    return tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() >= 2 else tensor.reshape(1, -1)
+
+
+def row_chunks(shape) -> list[slice]:
+    """Slices of the rows of ``as_rows`` of a tensor of ``shape``, about ``_CHUNK_TOKENS`` tokens each."""
+    length = int(shape[-1]) if len(shape) else 1
+    rows = math.prod(shape) // length if length else 0
+    step = max(1, _CHUNK_TOKENS // max(length, 1))
+    return [slice(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
+
+
+class FixedPointAccumulator:
+    """Exact fixed-point sums of ``count`` per-token values, chunk by chunk (:func:`fixed_point_sums`): each chunk
+    adds its rounded values ``[count, ...]`` (zeros where masked); :meth:`finish` gives what
+    :func:`fixed_point_sum` gives for each value, the same integers."""
+
+    def __init__(self, count: int, numel: int, world_size: int):
+        self.count, self.numel, self.world_size = count, numel, world_size
+        self._sums: list[torch.Tensor] = []
+        self._maxes: list[torch.Tensor] = []
+        self._chunk = 0
+
+    def add(self, rounded: torch.Tensor) -> None:
+        # value by value: reductions over a dim, or with a broadcast operand, are many times slower on the CPU
+        for index in range(self.count):
+            low, high = torch.aminmax(rounded[index])
+            self._maxes.append(torch.maximum(-low, high))  # NaN and inf propagate
+            self._sums.append(rounded[index].sum(dtype=torch.float64))
+        self._chunk = max(self._chunk, rounded[0].numel())
+
+    def finish(self) -> list[Optional[tuple[torch.Tensor, int]]]:
+        """Per value ``(int64 sum, problem)`` as :func:`fixed_point_sum`; None where a chunk's float64 sum might
+        not be exact (values of 2**53 / chunk or more, far beyond log-probs and advantages: the caller sums those
+        the unchunked way)."""
+        zero = torch.zeros((), dtype=torch.int64)
+        if not self._sums:
+            return [(zero, 0)] * self.count
+        zero = zero.to(self._sums[0].device)
+        maxes = torch.stack(self._maxes).reshape(-1, self.count).amax(0).tolist()
+        totals = torch.stack(self._sums).reshape(-1, self.count).to(torch.int64).sum(0)  # exact: every chunk sum is an exact integer
+        out: list[Optional[tuple[torch.Tensor, int]]] = []
+        for index, max_abs in enumerate(maxes):
+            if not max_abs < float("inf"):
+                out.append((zero, 1))
+            elif max_abs * float(self.numel) * self.world_size >= 2.0**62:
+                out.append((zero, 2))
+            elif max_abs * float(self._chunk) >= 2.0**53:
+                out.append(None)
+            else:
+                out.append((totals[index], 0))
+        return out
+
+
+def fixed_point_sums(values: list, mask: Optional[torch.Tensor], world_size: int) -> list[tuple[torch.Tensor, int]]:
+    """:func:`fixed_point_sum` of each of ``values`` (tensors, or pairs whose product is summed, all of ``mask``'s
+    shape), the same integers and problem codes, in one fused pass over row chunks (no step-sized temporary)."""
+    factors = [tuple(t.detach() for t in (v if isinstance(v, tuple) else (v,))) for v in values]
+    if not factors:
+        return []
+    source = factors[0][0]
+    if any(t.dtype == torch.float64 for f in factors for t in f) or any(t.shape != source.shape for f in factors
+                                                                         for t in f) or source.dim() == 0:
+        return [fixed_point_sum(v, mask, world_size) for v in values]  # fp64 or odd shapes: the unchunked way
+    if source.numel() == 0:
+        return [(torch.zeros((), dtype=torch.int64, device=source.device), 0)] * len(values)
+    scale = float(1 << FIXED_POINT_BITS)
+    rows = [tuple(as_rows(t) for t in f) for f in factors]
+    mask_rows = as_rows(mask) if mask is not None else None
+    chunks = row_chunks(source.shape)
+    work = torch.empty((len(values), chunks[0].stop - chunks[0].start, rows[0][0].shape[1]), dtype=torch.float32,
+                       device=source.device)
+    zero = torch.zeros((), dtype=torch.float32, device=source.device)
+    acc = FixedPointAccumulator(len(values), source.numel(), world_size)
+    for chunk in chunks:
+        w = work[:, :chunk.stop - chunk.start]
+        for index, f in enumerate(rows):
+            if len(f) == 2:  # a product: the same rounding as fixed_point_sum's
+                torch.mul(f[0][chunk].float(), f[1][chunk].float(), out=w[index]).mul_(scale)
+            else:
+                torch.mul(f[0][chunk].float(), scale, out=w[index])
+            if mask_rows is not None:
+                torch.where(mask_rows[chunk], w[index], zero, out=w[index])
+            w[index].round_()
+        acc.add(w)
+    return [done if done is not None else fixed_point_sum(values[index], mask, world_size)
+            for index, done in enumerate(acc.finish())]
+
+
 def too_large_message(ranks) -> str:
     return ("per-token values are too large for the exact fixed-point sums (max |value| x tokens x world must stay "
             f"below 2**42) on token-group rank(s) {ranks}")
@@ -210,9 +310,9 @@ def exact_group_sums(
     local_counts = [zero if local_error is not None else c.to(torch.int64).reshape(()) for c in counts]
     sums, non_finite, overflow = [], [], 0
     scratch = {} if scratch is None else scratch
-    for _, tensor in values:
-        total, problem = ((zero, 0) if local_error is not None
-                          else fixed_point_sum(tensor, mask, world, scratch))
+    fused = ([(zero, 0)] * len(values) if local_error is not None
+             else fixed_point_sums([tensor for _, tensor in values], mask, world))
+    for total, problem in fused:
         sums.append(total)
         non_finite.append(int(problem == 1))
         overflow = max(overflow, int(problem == 2))
@@ -305,19 +405,36 @@ def covariance_scores(
     return scores_from_means(logprobs, advantages, bool_mask, mean_l, mean_x, form)
 
 
-def scores_from_means(logprobs, advantages, mask, mean_l, mean_x, form, out: Optional[torch.Tensor] = None):
-    """The covariance scores from the exact means, 0 on masked tokens (written into ``out`` if given)."""
-    # fp32 elementwise math on identical inputs and identical (exact) means: bit-identical on every rank. In place
-    # on two step-sized tensors (each fresh one costs its page faults).
-    l = logprobs.detach().float()
-    a = advantages.detach().float()
-    scores = torch.sub(l, mean_l.float(), out=out)
-    if form == "natural":
-        x = torch.sub(a, mean_x.float())
-    else:
-        x = torch.exp(l).mul_(a).sub_(mean_x.float())
-    scores.mul_(x)
-    return torch.where(mask, scores, torch.zeros((), dtype=scores.dtype), out=scores)
+def scores_from_means(logprobs, advantages, mask, mean_l, mean_x, form, out: Optional[torch.Tensor] = None,
+                      on_chunk=None):
+    """The covariance scores from the exact means, 0 on masked tokens (written into ``out`` if given).
+
+    ``on_chunk(rows, scores)``: called after each row chunk (:func:`row_chunks` of :func:`as_rows`) with its slice
+    and its scores, while they are in cache (the diagnostics' sums ride this pass)."""
+    # fp32 elementwise math on identical inputs and identical (exact) means: bit-identical on every rank, whatever
+    # the chunks (every value is computed by the same operations on the same operands).
+    ml, mx = mean_l.float(), mean_x.float()
+    if out is None or not out.is_contiguous():
+        out = torch.empty(mask.shape, dtype=torch.float32, device=mask.device)
+    if out.numel() == 0:
+        return out
+    l_rows, a_rows, m_rows, s_rows = as_rows(logprobs.detach()), as_rows(advantages.detach()), as_rows(mask), as_rows(out)
+    chunks = row_chunks(mask.shape)
+    x_work = torch.empty((chunks[0].stop - chunks[0].start, s_rows.shape[1]), dtype=torch.float32, device=out.device)
+    zero = torch.zeros((), dtype=torch.float32, device=out.device)
+    for chunk in chunks:
+        l, a, scores = l_rows[chunk].float(), a_rows[chunk].float(), s_rows[chunk]
+        x = x_work[:chunk.stop - chunk.start]
+        torch.sub(l, ml, out=scores)
+        if form == "natural":
+            torch.sub(a, mx, out=x)
+        else:
+            torch.exp(l, out=x).mul_(a).sub_(mx)
+        scores.mul_(x)
+        torch.where(m_rows[chunk], scores, zero, out=scores)
+        if on_chunk is not None:
+            on_chunk(chunk, scores)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- hash keys
