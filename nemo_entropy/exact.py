@@ -505,7 +505,33 @@ def _lexicographic_order(priority: torch.Tensor, uids: torch.Tensor) -> torch.Te
     Both sorts are stable, so entries equal in (priority, uid) (repeated uids) keep their input order: the order is
     total whatever the uids, and a quota can never be exceeded by ties."""
     by_uid = torch.argsort(uids, stable=True)
-    return by_uid[torch.argsort(priority[by_uid], descending=True, stable=True)]
+    return by_uid[torch.argsort(_descending_key(priority).index_select(0, by_uid), stable=True)]
+
+
+def _descending_key(priority: torch.Tensor) -> torch.Tensor:
+    """int64 keys in the ascending order of ``priority``'s descending order, equal where the priorities are equal
+    (-0.0 and 0.0 included; the priorities are not NaN): an integer sort is a radix sort on the CPU, many times
+    faster than a float sort, and sorts the same."""
+    bits = (priority.to(torch.float64) + 0.0).view(torch.int64)  # + 0.0: -0.0 becomes 0.0
+    return torch.bitwise_not(bits ^ ((bits >> 63) & _INT64_MAX))  # ascending with the float, then reversed
+
+
+def flat_nonzero(flags: torch.Tensor) -> torch.Tensor:
+    """``flags.nonzero().squeeze(1)`` of a 1-D bool tensor with few True (ascending int64 positions), faster: the
+    scan runs over 8-byte words first, then only over the words that hold a True (a CPU nonzero costs per entry
+    scanned, and a step has millions)."""
+    n = flags.numel()
+    whole = n - n % 8
+    if flags.device.type != "cpu" or whole < 1024 or not flags.is_contiguous() or flags.storage_offset() % 8:
+        return flags.nonzero().squeeze(1)
+    head = flags[:whole]
+    words = head.view(torch.uint8).view(-1, 8)
+    hit = words.view(torch.int64).reshape(-1).ne(0).nonzero().squeeze(1)
+    inner = words.index_select(0, hit).nonzero()
+    positions = hit.index_select(0, inner[:, 0]).mul_(8).add_(inner[:, 1])
+    if whole == n:
+        return positions
+    return torch.cat([positions, flags[whole:].nonzero().squeeze(1).add_(whole)])
 
 
 # A top-k of a long vector is cut first to the entries at or above a threshold read off a strided sample (a few
@@ -565,7 +591,7 @@ def masked_offer(priority: torch.Tensor, eligible: torch.Tensor, uids: torch.Ten
     if num_eligible is None:
         num_eligible = int(torch.count_nonzero(ok))
     above = _sampled_cut(flat, ok, k, num_eligible)
-    keep = (ok if above is None else above).nonzero().squeeze(1)
+    keep = flat_nonzero(ok if above is None else above)
     return local_offer(flat.index_select(0, keep), keep, uids.reshape(-1), k)
 
 
