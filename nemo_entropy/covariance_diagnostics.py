@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .exact import (FIXED_POINT_BITS, FixedPointAccumulator, Offer, as_rows, fixed_point_sum, masked_offer,
+from .exact import (FIXED_POINT_BITS, FixedPointAccumulator, Offer, as_rows, fixed_point_sum, keep_valid, masked_offer,
                     merge_offers, row_chunks, scores_from_means, selection_quota, too_large_message, work_tensor)
 
 __all__ = ["DIAGNOSTICS", "CONCENTRATION_FRACTIONS", "ScoreTop", "local_diagnostic_sums",
@@ -73,17 +73,15 @@ def scores_and_diagnostic_sums(old_logprobs: torch.Tensor, advantages: torch.Ten
     first = row_chunks(mask.shape)[0]
     work = torch.empty((count + 1, first.stop - first.start, l_rows.shape[1]), dtype=torch.float32,
                        device=mask.device)
-    zero = torch.zeros((), dtype=torch.float32, device=mask.device)
     acc = FixedPointAccumulator(count, mask.numel(), world_size)
 
-    def on_chunk(chunk, scores):
+    def on_chunk(chunk, scores, bits):
         w = work[:, :chunk.stop - chunk.start]
         torch.mul(scores, scale, out=w[0])
         if theorem_inputs is not None:  # A (p (l + H) - C), as local_diagnostic_sums forms it
             l, d = l_rows[chunk].float(), w[1]
             torch.exp(l, out=d).mul_(torch.add(l, h_rows[chunk].float(), out=w[2]))
-            d.sub_(c_rows[chunk].float()).mul_(a_rows[chunk].float()).mul_(scale)
-            torch.where(m_rows[chunk], d, zero, out=d)
+            keep_valid(d.sub_(c_rows[chunk].float()).mul_(a_rows[chunk].float()), bits).mul_(scale)
             d.round_()
         w[0].round_()
         acc.add(w)

@@ -197,6 +197,20 @@ def row_chunks(shape) -> list[slice]:
     return [slice(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
 
 
+def mask_bits(mask_rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``mask_rows`` as int32 0 / -1 (all bits set) in ``out``: ``bitwise_and`` of a float32's bits with it is the
+    float where valid and +0.0 where masked (NaN and inf included), as ``torch.where(mask, x, 0)`` gives, without
+    its per-element branch (several times faster on the CPU)."""
+    return out.copy_(mask_rows).neg_()
+
+
+def keep_valid(values: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """``torch.where(mask, values, 0)`` in place, for float32 ``values`` and ``bits = mask_bits(mask)``."""
+    as_int = values.view(torch.int32)
+    torch.bitwise_and(as_int, bits, out=as_int)
+    return values
+
+
 class FixedPointAccumulator:
     """Exact fixed-point sums of ``count`` per-token values, chunk by chunk (:func:`fixed_point_sums`): each chunk
     adds its rounded values ``[count, ...]`` (zeros where masked); :meth:`finish` gives what
@@ -257,17 +271,23 @@ def fixed_point_sums(values: list, mask: Optional[torch.Tensor], world_size: int
     chunks = row_chunks(source.shape)
     work = torch.empty((len(values), chunks[0].stop - chunks[0].start, rows[0][0].shape[1]), dtype=torch.float32,
                        device=source.device)
-    zero = torch.zeros((), dtype=torch.float32, device=source.device)
+    bits_work = torch.empty(work.shape[1:], dtype=torch.int32, device=source.device)
     acc = FixedPointAccumulator(len(values), source.numel(), world_size)
     for chunk in chunks:
         w = work[:, :chunk.stop - chunk.start]
+        bits = mask_bits(mask_rows[chunk], bits_work[:chunk.stop - chunk.start]) if mask_rows is not None else None
         for index, f in enumerate(rows):
-            if len(f) == 2:  # a product: the same rounding as fixed_point_sum's
-                torch.mul(f[0][chunk].float(), f[1][chunk].float(), out=w[index]).mul_(scale)
+            # x * 2**20 (or the product a * b, then * 2**20: fixed_point_sum's rounding), 0 where masked
+            if len(f) == 2:
+                torch.mul(f[0][chunk].float(), f[1][chunk].float(), out=w[index])
+                if bits is not None:
+                    keep_valid(w[index], bits)
+                w[index].mul_(scale)
+            elif bits is not None:
+                torch.bitwise_and(f[0][chunk].float().view(torch.int32), bits, out=w[index].view(torch.int32))
+                w[index].mul_(scale)
             else:
                 torch.mul(f[0][chunk].float(), scale, out=w[index])
-            if mask_rows is not None:
-                torch.where(mask_rows[chunk], w[index], zero, out=w[index])
             w[index].round_()
         acc.add(w)
     return [done if done is not None else fixed_point_sum(values[index], mask, world_size)
@@ -409,8 +429,8 @@ def scores_from_means(logprobs, advantages, mask, mean_l, mean_x, form, out: Opt
                       on_chunk=None):
     """The covariance scores from the exact means, 0 on masked tokens (written into ``out`` if given).
 
-    ``on_chunk(rows, scores)``: called after each row chunk (:func:`row_chunks` of :func:`as_rows`) with its slice
-    and its scores, while they are in cache (the diagnostics' sums ride this pass)."""
+    ``on_chunk(rows, scores, bits)``: called after each row chunk (:func:`row_chunks` of :func:`as_rows`) with its slice
+    , its scores and its :func:`mask_bits`, while they are in cache (the diagnostics' sums ride this pass)."""
     # fp32 elementwise math on identical inputs and identical (exact) means: bit-identical on every rank, whatever
     # the chunks (every value is computed by the same operations on the same operands).
     ml, mx = mean_l.float(), mean_x.float()
@@ -421,7 +441,7 @@ def scores_from_means(logprobs, advantages, mask, mean_l, mean_x, form, out: Opt
     l_rows, a_rows, m_rows, s_rows = as_rows(logprobs.detach()), as_rows(advantages.detach()), as_rows(mask), as_rows(out)
     chunks = row_chunks(mask.shape)
     x_work = torch.empty((chunks[0].stop - chunks[0].start, s_rows.shape[1]), dtype=torch.float32, device=out.device)
-    zero = torch.zeros((), dtype=torch.float32, device=out.device)
+    bits_work = torch.empty(x_work.shape, dtype=torch.int32, device=out.device)
     for chunk in chunks:
         l, a, scores = l_rows[chunk].float(), a_rows[chunk].float(), s_rows[chunk]
         x = x_work[:chunk.stop - chunk.start]
@@ -431,9 +451,10 @@ def scores_from_means(logprobs, advantages, mask, mean_l, mean_x, form, out: Opt
         else:
             torch.exp(l, out=x).mul_(a).sub_(mx)
         scores.mul_(x)
-        torch.where(m_rows[chunk], scores, zero, out=scores)
+        bits = mask_bits(m_rows[chunk], bits_work[:chunk.stop - chunk.start])
+        keep_valid(scores, bits)
         if on_chunk is not None:
-            on_chunk(chunk, scores)
+            on_chunk(chunk, scores, bits)
     return out
 
 
