@@ -584,7 +584,8 @@ def local_offer(priority: torch.Tensor, positions: torch.Tensor, uids: torch.Ten
     """The :class:`Offer` of this rank's candidates: ``priority`` and ``positions`` (1-D) of its eligible tokens
     only (padding is often half of a step, and a top-k over it is wasted work); ``uids`` the step's token uids,
     flat, read only at the candidates that can matter."""
-    if priority.numel() > k:  # only the entries that can matter (ties at the cut included), before the exact sort
+    if priority.numel() > 2 * k:  # only the entries that can matter (ties at the cut included); up to 2k, the exact
+        # sort (integer keys: a radix sort, linear) takes them all, cheaper than a top-k first
         above = _sampled_cut(priority, None, k, priority.numel())
         if above is None:
             above = priority >= torch.topk(priority, k, sorted=False).values.min()
