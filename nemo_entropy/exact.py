@@ -306,7 +306,6 @@ def exact_group_sums(
     groups: GroupsLike = None,
     *,
     local_error: Optional[Exception] = None,
-    scratch: Optional[dict] = None,
 ) -> tuple[list[int], list[torch.Tensor]]:
     """Integer ``counts`` and exact fixed-point sums of ``values`` over the whole token group, in ONE all-reduce.
 
@@ -318,7 +317,7 @@ def exact_group_sums(
     Counts of ranks cannot wrap, whatever the group size.
 
     Returns ``(counts, sums)``: Python ints, and float64 scalars (the exact sums, identical on every rank).
-    ``scratch``: a dict that keeps the work tensor, for the caller to reuse (:func:`work_tensor`).
+    The sums run in one fused pass over row chunks (:func:`fixed_point_sums`): no step-sized temporary.
     """
     g = as_groups(groups)
     world = g.token_world_size
@@ -329,7 +328,6 @@ def exact_group_sums(
     zero = torch.zeros((), dtype=torch.int64, device=device)
     local_counts = [zero if local_error is not None else c.to(torch.int64).reshape(()) for c in counts]
     sums, non_finite, overflow = [], [], 0
-    scratch = {} if scratch is None else scratch
     fused = ([(zero, 0)] * len(values) if local_error is not None
              else fixed_point_sums([tensor for _, tensor in values], mask, world))
     for total, problem in fused:
@@ -561,9 +559,10 @@ _SAMPLE = 16384
 
 
 def _sampled_cut(priority: torch.Tensor, eligible: Optional[torch.Tensor], k: int,
-                 num_eligible: int) -> Optional[torch.Tensor]:
+                 num_eligible: int, check: bool = True) -> Optional[torch.Tensor]:
     """The (eligible) entries of 1-D ``priority`` at or above a threshold read off a strided sample, as a bool
-    mask, when they are at least ``k``; None when the vector is short (a top-k is cheaper) or the cut leaves fewer."""
+    mask, when they are at least ``k``; None when the vector is short (a top-k is cheaper) or the cut leaves fewer
+    (``check=False``: not counted here; the caller checks that the cut leaves at least ``k``)."""
     n = priority.numel()
     if n <= 16 * k or n <= 4 * _SAMPLE:
         return None
@@ -577,7 +576,7 @@ def _sampled_cut(priority: torch.Tensor, eligible: Optional[torch.Tensor], k: in
     above = priority >= torch.topk(sample, rank, sorted=False).values.min()
     if eligible is not None:
         above.logical_and_(eligible)
-    return above if int(torch.count_nonzero(above)) >= k else None
+    return above if not check or int(torch.count_nonzero(above)) >= k else None
 
 
 def local_offer(priority: torch.Tensor, positions: torch.Tensor, uids: torch.Tensor, k: int) -> Offer:
@@ -612,8 +611,10 @@ def masked_offer(priority: torch.Tensor, eligible: torch.Tensor, uids: torch.Ten
     flat, ok = priority.reshape(-1), eligible.reshape(-1)
     if num_eligible is None:
         num_eligible = int(torch.count_nonzero(ok))
-    above = _sampled_cut(flat, ok, k, num_eligible)
-    keep = flat_nonzero(ok if above is None else above)
+    above = _sampled_cut(flat, ok, k, num_eligible, check=False)
+    keep = None if above is None else flat_nonzero(above)
+    if keep is None or keep.numel() < k:  # the listed cut counts itself
+        keep = flat_nonzero(ok)
     return local_offer(flat.index_select(0, keep), keep, uids.reshape(-1), k)
 
 
