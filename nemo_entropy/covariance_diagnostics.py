@@ -16,8 +16,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .exact import (FIXED_POINT_BITS, FixedPointAccumulator, Offer, as_rows, fixed_point_sum, keep_valid, masked_offer,
-                    merge_offers, row_chunks, scores_from_means, selection_quota, too_large_message, work_tensor)
+from .exact import (FIXED_POINT_BITS, FixedPointAccumulator, Offer, as_rows, fixed_point_sum, keep_valid,
+                    masked_offer, merge_offers, row_chunks, scores_from_means, selection_quota, too_large_message,
+                    work_tensor)
 
 __all__ = ["DIAGNOSTICS", "CONCENTRATION_FRACTIONS", "ScoreTop", "local_diagnostic_sums",
            "scores_and_diagnostic_sums", "concentration_top_k", "fraction_tag",
@@ -68,7 +69,7 @@ def scores_and_diagnostic_sums(old_logprobs: torch.Tensor, advantages: torch.Ten
                                              theorem_inputs=theorem_inputs)
     count = 1 if theorem_inputs is None else 2
     scale = float(1 << FIXED_POINT_BITS)
-    l_rows, a_rows, m_rows = as_rows(old_logprobs.detach()), as_rows(advantages.detach()), as_rows(mask)
+    l_rows, a_rows = as_rows(old_logprobs.detach()), as_rows(advantages.detach())
     h_rows, c_rows = (None, None) if theorem_inputs is None else (as_rows(t.detach()) for t in theorem_inputs)
     first = row_chunks(mask.shape)[0]
     work = torch.empty((count + 1, first.stop - first.start, l_rows.shape[1]), dtype=torch.float32,

@@ -48,6 +48,9 @@ __all__ = [
     "FixedPointAccumulator",
     "as_rows",
     "row_chunks",
+    "mask_bits",
+    "keep_valid",
+    "flat_nonzero",
     "FIXED_POINT_BITS",
     "too_large_message",
     "scores_from_means",
@@ -239,7 +242,8 @@ class FixedPointAccumulator:
             return [(zero, 0)] * self.count
         zero = zero.to(self._sums[0].device)
         maxes = torch.stack(self._maxes).reshape(-1, self.count).amax(0).tolist()
-        totals = torch.stack(self._sums).reshape(-1, self.count).to(torch.int64).sum(0)  # exact: every chunk sum is an exact integer
+        # exact: every chunk's sum is an exact integer (checked below), and int64 adds them in any order
+        totals = torch.stack(self._sums).reshape(-1, self.count).to(torch.int64).sum(0)
         out: list[Optional[tuple[torch.Tensor, int]]] = []
         for index, max_abs in enumerate(maxes):
             if not max_abs < float("inf"):
@@ -427,8 +431,8 @@ def scores_from_means(logprobs, advantages, mask, mean_l, mean_x, form, out: Opt
                       on_chunk=None):
     """The covariance scores from the exact means, 0 on masked tokens (written into ``out`` if given).
 
-    ``on_chunk(rows, scores, bits)``: called after each row chunk (:func:`row_chunks` of :func:`as_rows`) with its slice
-    , its scores and its :func:`mask_bits`, while they are in cache (the diagnostics' sums ride this pass)."""
+    ``on_chunk(rows, scores, bits)``: called after each row chunk (:func:`row_chunks` of :func:`as_rows`) with its
+    slice, its scores and its :func:`mask_bits`, while they are in cache (the diagnostics' sums ride this pass)."""
     # fp32 elementwise math on identical inputs and identical (exact) means: bit-identical on every rank, whatever
     # the chunks (every value is computed by the same operations on the same operands).
     ml, mx = mean_l.float(), mean_x.float()
@@ -436,7 +440,8 @@ def scores_from_means(logprobs, advantages, mask, mean_l, mean_x, form, out: Opt
         out = torch.empty(mask.shape, dtype=torch.float32, device=mask.device)
     if out.numel() == 0:
         return out
-    l_rows, a_rows, m_rows, s_rows = as_rows(logprobs.detach()), as_rows(advantages.detach()), as_rows(mask), as_rows(out)
+    l_rows, a_rows = as_rows(logprobs.detach()), as_rows(advantages.detach())
+    m_rows, s_rows = as_rows(mask), as_rows(out)
     chunks = row_chunks(mask.shape)
     x_work = torch.empty((chunks[0].stop - chunks[0].start, s_rows.shape[1]), dtype=torch.float32, device=out.device)
     bits_work = torch.empty(x_work.shape, dtype=torch.int32, device=out.device)
