@@ -16,10 +16,12 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .exact import (FIXED_POINT_BITS, Offer, fixed_point_sum, masked_offer, merge_offers, selection_quota,
-                    too_large_message, work_tensor)
+from .exact import (FIXED_POINT_BITS, FixedPointAccumulator, Offer, as_rows, fixed_point_sum, keep_valid,
+                    masked_offer, merge_offers, row_chunks, scores_from_means, selection_quota, too_large_message,
+                    work_tensor)
 
-__all__ = ["DIAGNOSTICS", "CONCENTRATION_FRACTIONS", "ScoreTop", "local_diagnostic_sums", "concentration_top_k", "fraction_tag",
+__all__ = ["DIAGNOSTICS", "CONCENTRATION_FRACTIONS", "ScoreTop", "local_diagnostic_sums",
+           "scores_and_diagnostic_sums", "concentration_top_k", "fraction_tag",
            "concentration_sums", "covariance_diagnostics", "diagnostic_metric_names"]
 
 DIAGNOSTICS = "diagnostics"
@@ -52,6 +54,48 @@ def local_diagnostic_sums(scores: torch.Tensor, old_logprobs: torch.Tensor, adva
     sum_d, problem_d = fixed_point_sum(d, mask, world_size, scratch, slot="diagnostics")
     flags = [int(1 in (problem_c, problem_d)), int(2 in (problem_c, problem_d))]
     return torch.cat([torch.stack([sum_c, sum_d]), torch.tensor(flags, dtype=torch.int64, device=sum_c.device)])
+
+
+def scores_and_diagnostic_sums(old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                               mean_l: torch.Tensor, mean_x: torch.Tensor, form: str, world_size: int,
+                               theorem_inputs=None, out: Optional[torch.Tensor] = None):
+    """``(scores_from_means(...), local_diagnostic_sums(scores, ...))`` in one pass over row chunks: each chunk's
+    scores are summed (and Theorem 1's terms formed and summed, only when ``theorem_inputs`` are given) while they
+    are in cache. The same bits as the two calls (the same operations on every value; exact sums)."""
+    tensors = [old_logprobs, advantages] + list(theorem_inputs or ())
+    if any(t.dtype == torch.float64 for t in tensors) or mask.dim() == 0 or mask.numel() == 0:
+        scores = scores_from_means(old_logprobs, advantages, mask, mean_l, mean_x, form, out=out)
+        return scores, local_diagnostic_sums(scores, old_logprobs, advantages, mask, mean_l, world_size,
+                                             theorem_inputs=theorem_inputs)
+    count = 1 if theorem_inputs is None else 2
+    scale = float(1 << FIXED_POINT_BITS)
+    l_rows, a_rows = as_rows(old_logprobs.detach()), as_rows(advantages.detach())
+    h_rows, c_rows = (None, None) if theorem_inputs is None else (as_rows(t.detach()) for t in theorem_inputs)
+    first = row_chunks(mask.shape)[0]
+    work = torch.empty((count + 1, first.stop - first.start, l_rows.shape[1]), dtype=torch.float32,
+                       device=mask.device)
+    acc = FixedPointAccumulator(count, mask.numel(), world_size)
+
+    def on_chunk(chunk, scores, bits):
+        w = work[:, :chunk.stop - chunk.start]
+        torch.mul(scores, scale, out=w[0])
+        if theorem_inputs is not None:  # A (p (l + H) - C), as local_diagnostic_sums forms it
+            l, d = l_rows[chunk].float(), w[1]
+            torch.exp(l, out=d).mul_(torch.add(l, h_rows[chunk].float(), out=w[2]))
+            keep_valid(d.sub_(c_rows[chunk].float()).mul_(a_rows[chunk].float()), bits).mul_(scale)
+            d.round_()
+        w[0].round_()
+        acc.add(w)
+
+    scores = scores_from_means(old_logprobs, advantages, mask, mean_l, mean_x, form, out=out, on_chunk=on_chunk)
+    done = acc.finish()
+    if None in done:  # values too large for a chunk's float64 sum: the unchunked way
+        return scores, local_diagnostic_sums(scores, old_logprobs, advantages, mask, mean_l, world_size,
+                                             theorem_inputs=theorem_inputs)
+    (sum_c, problem_c), (sum_d, problem_d) = done[0], (done[1] if count == 2 else (torch.zeros_like(done[0][0]), 0))
+    flags = [int(1 in (problem_c, problem_d)), int(2 in (problem_c, problem_d))]
+    return scores, torch.cat([torch.stack([sum_c, sum_d]),
+                              torch.tensor(flags, dtype=torch.int64, device=sum_c.device)])
 
 
 class ScoreTop(NamedTuple):

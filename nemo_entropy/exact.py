@@ -44,6 +44,13 @@ __all__ = [
     "chosen_from_merged",
     "exact_group_sums",
     "fixed_point_sum",
+    "fixed_point_sums",
+    "FixedPointAccumulator",
+    "as_rows",
+    "row_chunks",
+    "mask_bits",
+    "keep_valid",
+    "flat_nonzero",
     "FIXED_POINT_BITS",
     "too_large_message",
     "scores_from_means",
@@ -174,6 +181,123 @@ def fixed_point_sum(values, mask: Optional[torch.Tensor], world_size: int, scrat
     return q.to(torch.int64).sum(), 0
 
 
+# Fused passes: the per-token work runs over row chunks of about 2**18 tokens, every pass of a chunk while it is in
+# cache, so no step-sized temporary is made (an fp64 cast of the step, or a fresh step-sized work tensor, costs more
+# in page faults than the arithmetic). Elementwise the same operations as on the whole step: the same bits.
+_CHUNK_TOKENS = 1 << 18
+
+
+def as_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as ``[rows, length]`` (a view where the strides allow)."""
+    return tensor.reshape(-1, tensor.shape[-1]) if tensor.dim() >= 2 else tensor.reshape(1, -1)
+
+
+def row_chunks(shape) -> list[slice]:
+    """Slices of the rows of ``as_rows`` of a tensor of ``shape``, about ``_CHUNK_TOKENS`` tokens each."""
+    length = int(shape[-1]) if len(shape) else 1
+    rows = math.prod(shape) // length if length else 0
+    step = max(1, _CHUNK_TOKENS // max(length, 1))
+    return [slice(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
+
+
+def mask_bits(mask_rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``mask_rows`` as int32 0 / -1 (all bits set) in ``out``: ``bitwise_and`` of a float32's bits with it is the
+    float where valid and +0.0 where masked (NaN and inf included), as ``torch.where(mask, x, 0)`` gives, without
+    its per-element branch (several times faster on the CPU)."""
+    return out.copy_(mask_rows).neg_()
+
+
+def keep_valid(values: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """``torch.where(mask, values, 0)`` in place, for float32 ``values`` and ``bits = mask_bits(mask)``."""
+    as_int = values.view(torch.int32)
+    torch.bitwise_and(as_int, bits, out=as_int)
+    return values
+
+
+class FixedPointAccumulator:
+    """Exact fixed-point sums of ``count`` per-token values, chunk by chunk (:func:`fixed_point_sums`): each chunk
+    adds its rounded values ``[count, ...]`` (zeros where masked); :meth:`finish` gives what
+    :func:`fixed_point_sum` gives for each value, the same integers."""
+
+    def __init__(self, count: int, numel: int, world_size: int):
+        self.count, self.numel, self.world_size = count, numel, world_size
+        self._sums: list[torch.Tensor] = []
+        self._maxes: list[torch.Tensor] = []
+        self._chunk = 0
+
+    def add(self, rounded: torch.Tensor) -> None:
+        # value by value: reductions over a dim, or with a broadcast operand, are many times slower on the CPU
+        for index in range(self.count):
+            low, high = torch.aminmax(rounded[index])
+            self._maxes.append(torch.maximum(-low, high))  # NaN and inf propagate
+            self._sums.append(rounded[index].sum(dtype=torch.float64))
+        self._chunk = max(self._chunk, rounded[0].numel())
+
+    def finish(self) -> list[Optional[tuple[torch.Tensor, int]]]:
+        """Per value ``(int64 sum, problem)`` as :func:`fixed_point_sum`; None where a chunk's float64 sum might
+        not be exact (values of 2**53 / chunk or more, far beyond log-probs and advantages: the caller sums those
+        the unchunked way)."""
+        zero = torch.zeros((), dtype=torch.int64)
+        if not self._sums:
+            return [(zero, 0)] * self.count
+        zero = zero.to(self._sums[0].device)
+        maxes = torch.stack(self._maxes).reshape(-1, self.count).amax(0).tolist()
+        # exact: every chunk's sum is an exact integer (checked below), and int64 adds them in any order
+        totals = torch.stack(self._sums).reshape(-1, self.count).to(torch.int64).sum(0)
+        out: list[Optional[tuple[torch.Tensor, int]]] = []
+        for index, max_abs in enumerate(maxes):
+            if not max_abs < float("inf"):
+                out.append((zero, 1))
+            elif max_abs * float(self.numel) * self.world_size >= 2.0**62:
+                out.append((zero, 2))
+            elif max_abs * float(self._chunk) >= 2.0**53:
+                out.append(None)
+            else:
+                out.append((totals[index], 0))
+        return out
+
+
+def fixed_point_sums(values: list, mask: Optional[torch.Tensor], world_size: int) -> list[tuple[torch.Tensor, int]]:
+    """:func:`fixed_point_sum` of each of ``values`` (tensors, or pairs whose product is summed, all of ``mask``'s
+    shape), the same integers and problem codes, in one fused pass over row chunks (no step-sized temporary)."""
+    factors = [tuple(t.detach() for t in (v if isinstance(v, tuple) else (v,))) for v in values]
+    if not factors:
+        return []
+    source = factors[0][0]
+    if any(t.dtype == torch.float64 for f in factors for t in f) or any(t.shape != source.shape for f in factors
+                                                                         for t in f) or source.dim() == 0:
+        return [fixed_point_sum(v, mask, world_size) for v in values]  # fp64 or odd shapes: the unchunked way
+    if source.numel() == 0:
+        return [(torch.zeros((), dtype=torch.int64, device=source.device), 0)] * len(values)
+    scale = float(1 << FIXED_POINT_BITS)
+    rows = [tuple(as_rows(t) for t in f) for f in factors]
+    mask_rows = as_rows(mask) if mask is not None else None
+    chunks = row_chunks(source.shape)
+    work = torch.empty((len(values), chunks[0].stop - chunks[0].start, rows[0][0].shape[1]), dtype=torch.float32,
+                       device=source.device)
+    bits_work = torch.empty(work.shape[1:], dtype=torch.int32, device=source.device)
+    acc = FixedPointAccumulator(len(values), source.numel(), world_size)
+    for chunk in chunks:
+        w = work[:, :chunk.stop - chunk.start]
+        bits = mask_bits(mask_rows[chunk], bits_work[:chunk.stop - chunk.start]) if mask_rows is not None else None
+        for index, f in enumerate(rows):
+            # x * 2**20 (or the product a * b, then * 2**20: fixed_point_sum's rounding), 0 where masked
+            if len(f) == 2:
+                torch.mul(f[0][chunk].float(), f[1][chunk].float(), out=w[index])
+                if bits is not None:
+                    keep_valid(w[index], bits)
+                w[index].mul_(scale)
+            elif bits is not None:
+                torch.bitwise_and(f[0][chunk].float().view(torch.int32), bits, out=w[index].view(torch.int32))
+                w[index].mul_(scale)
+            else:
+                torch.mul(f[0][chunk].float(), scale, out=w[index])
+            w[index].round_()
+        acc.add(w)
+    return [done if done is not None else fixed_point_sum(values[index], mask, world_size)
+            for index, done in enumerate(acc.finish())]
+
+
 def too_large_message(ranks) -> str:
     return ("per-token values are too large for the exact fixed-point sums (max |value| x tokens x world must stay "
             f"below 2**42) on token-group rank(s) {ranks}")
@@ -186,7 +310,6 @@ def exact_group_sums(
     groups: GroupsLike = None,
     *,
     local_error: Optional[Exception] = None,
-    scratch: Optional[dict] = None,
 ) -> tuple[list[int], list[torch.Tensor]]:
     """Integer ``counts`` and exact fixed-point sums of ``values`` over the whole token group, in ONE all-reduce.
 
@@ -198,7 +321,7 @@ def exact_group_sums(
     Counts of ranks cannot wrap, whatever the group size.
 
     Returns ``(counts, sums)``: Python ints, and float64 scalars (the exact sums, identical on every rank).
-    ``scratch``: a dict that keeps the work tensor, for the caller to reuse (:func:`work_tensor`).
+    The sums run in one fused pass over row chunks (:func:`fixed_point_sums`): no step-sized temporary.
     """
     g = as_groups(groups)
     world = g.token_world_size
@@ -209,10 +332,9 @@ def exact_group_sums(
     zero = torch.zeros((), dtype=torch.int64, device=device)
     local_counts = [zero if local_error is not None else c.to(torch.int64).reshape(()) for c in counts]
     sums, non_finite, overflow = [], [], 0
-    scratch = {} if scratch is None else scratch
-    for _, tensor in values:
-        total, problem = ((zero, 0) if local_error is not None
-                          else fixed_point_sum(tensor, mask, world, scratch))
+    fused = ([(zero, 0)] * len(values) if local_error is not None
+             else fixed_point_sums([tensor for _, tensor in values], mask, world))
+    for total, problem in fused:
         sums.append(total)
         non_finite.append(int(problem == 1))
         overflow = max(overflow, int(problem == 2))
@@ -305,19 +427,38 @@ def covariance_scores(
     return scores_from_means(logprobs, advantages, bool_mask, mean_l, mean_x, form)
 
 
-def scores_from_means(logprobs, advantages, mask, mean_l, mean_x, form, out: Optional[torch.Tensor] = None):
-    """The covariance scores from the exact means, 0 on masked tokens (written into ``out`` if given)."""
-    # fp32 elementwise math on identical inputs and identical (exact) means: bit-identical on every rank. In place
-    # on two step-sized tensors (each fresh one costs its page faults).
-    l = logprobs.detach().float()
-    a = advantages.detach().float()
-    scores = torch.sub(l, mean_l.float(), out=out)
-    if form == "natural":
-        x = torch.sub(a, mean_x.float())
-    else:
-        x = torch.exp(l).mul_(a).sub_(mean_x.float())
-    scores.mul_(x)
-    return torch.where(mask, scores, torch.zeros((), dtype=scores.dtype), out=scores)
+def scores_from_means(logprobs, advantages, mask, mean_l, mean_x, form, out: Optional[torch.Tensor] = None,
+                      on_chunk=None):
+    """The covariance scores from the exact means, 0 on masked tokens (written into ``out`` if given).
+
+    ``on_chunk(rows, scores, bits)``: called after each row chunk (:func:`row_chunks` of :func:`as_rows`) with its
+    slice, its scores and its :func:`mask_bits`, while they are in cache (the diagnostics' sums ride this pass)."""
+    # fp32 elementwise math on identical inputs and identical (exact) means: bit-identical on every rank, whatever
+    # the chunks (every value is computed by the same operations on the same operands).
+    ml, mx = mean_l.float(), mean_x.float()
+    if out is None or not out.is_contiguous():
+        out = torch.empty(mask.shape, dtype=torch.float32, device=mask.device)
+    if out.numel() == 0:
+        return out
+    l_rows, a_rows = as_rows(logprobs.detach()), as_rows(advantages.detach())
+    m_rows, s_rows = as_rows(mask), as_rows(out)
+    chunks = row_chunks(mask.shape)
+    x_work = torch.empty((chunks[0].stop - chunks[0].start, s_rows.shape[1]), dtype=torch.float32, device=out.device)
+    bits_work = torch.empty(x_work.shape, dtype=torch.int32, device=out.device)
+    for chunk in chunks:
+        l, a, scores = l_rows[chunk].float(), a_rows[chunk].float(), s_rows[chunk]
+        x = x_work[:chunk.stop - chunk.start]
+        torch.sub(l, ml, out=scores)
+        if form == "natural":
+            torch.sub(a, mx, out=x)
+        else:
+            torch.exp(l, out=x).mul_(a).sub_(mx)
+        scores.mul_(x)
+        bits = mask_bits(m_rows[chunk], bits_work[:chunk.stop - chunk.start])
+        keep_valid(scores, bits)
+        if on_chunk is not None:
+            on_chunk(chunk, scores, bits)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- hash keys
@@ -388,7 +529,33 @@ def _lexicographic_order(priority: torch.Tensor, uids: torch.Tensor) -> torch.Te
     Both sorts are stable, so entries equal in (priority, uid) (repeated uids) keep their input order: the order is
     total whatever the uids, and a quota can never be exceeded by ties."""
     by_uid = torch.argsort(uids, stable=True)
-    return by_uid[torch.argsort(priority[by_uid], descending=True, stable=True)]
+    return by_uid[torch.argsort(_descending_key(priority).index_select(0, by_uid), stable=True)]
+
+
+def _descending_key(priority: torch.Tensor) -> torch.Tensor:
+    """int64 keys in the ascending order of ``priority``'s descending order, equal where the priorities are equal
+    (-0.0 and 0.0 included; the priorities are not NaN): an integer sort is a radix sort on the CPU, many times
+    faster than a float sort, and sorts the same."""
+    bits = (priority.to(torch.float64) + 0.0).view(torch.int64)  # + 0.0: -0.0 becomes 0.0
+    return torch.bitwise_not(bits ^ ((bits >> 63) & _INT64_MAX))  # ascending with the float, then reversed
+
+
+def flat_nonzero(flags: torch.Tensor) -> torch.Tensor:
+    """``flags.nonzero().squeeze(1)`` of a 1-D bool tensor with few True (ascending int64 positions), faster: the
+    scan runs over 8-byte words first, then only over the words that hold a True (a CPU nonzero costs per entry
+    scanned, and a step has millions)."""
+    n = flags.numel()
+    whole = n - n % 8
+    if flags.device.type != "cpu" or whole < 1024 or not flags.is_contiguous() or flags.storage_offset() % 8:
+        return flags.nonzero().squeeze(1)
+    head = flags[:whole]
+    words = head.view(torch.uint8).view(-1, 8)
+    hit = words.view(torch.int64).reshape(-1).ne(0).nonzero().squeeze(1)
+    inner = words.index_select(0, hit).nonzero()
+    positions = hit.index_select(0, inner[:, 0]).mul_(8).add_(inner[:, 1])
+    if whole == n:
+        return positions
+    return torch.cat([positions, flags[whole:].nonzero().squeeze(1).add_(whole)])
 
 
 # A top-k of a long vector is cut first to the entries at or above a threshold read off a strided sample (a few
@@ -397,9 +564,10 @@ _SAMPLE = 16384
 
 
 def _sampled_cut(priority: torch.Tensor, eligible: Optional[torch.Tensor], k: int,
-                 num_eligible: int) -> Optional[torch.Tensor]:
+                 num_eligible: int, check: bool = True) -> Optional[torch.Tensor]:
     """The (eligible) entries of 1-D ``priority`` at or above a threshold read off a strided sample, as a bool
-    mask, when they are at least ``k``; None when the vector is short (a top-k is cheaper) or the cut leaves fewer."""
+    mask, when they are at least ``k``; None when the vector is short (a top-k is cheaper) or the cut leaves fewer
+    (``check=False``: not counted here; the caller checks that the cut leaves at least ``k``)."""
     n = priority.numel()
     if n <= 16 * k or n <= 4 * _SAMPLE:
         return None
@@ -413,14 +581,15 @@ def _sampled_cut(priority: torch.Tensor, eligible: Optional[torch.Tensor], k: in
     above = priority >= torch.topk(sample, rank, sorted=False).values.min()
     if eligible is not None:
         above.logical_and_(eligible)
-    return above if int(torch.count_nonzero(above)) >= k else None
+    return above if not check or int(torch.count_nonzero(above)) >= k else None
 
 
 def local_offer(priority: torch.Tensor, positions: torch.Tensor, uids: torch.Tensor, k: int) -> Offer:
     """The :class:`Offer` of this rank's candidates: ``priority`` and ``positions`` (1-D) of its eligible tokens
     only (padding is often half of a step, and a top-k over it is wasted work); ``uids`` the step's token uids,
     flat, read only at the candidates that can matter."""
-    if priority.numel() > k:  # only the entries that can matter (ties at the cut included), before the exact sort
+    if priority.numel() > 2 * k:  # only the entries that can matter (ties at the cut included); up to 2k, the exact
+        # sort (integer keys: a radix sort, linear) takes them all, cheaper than a top-k first
         above = _sampled_cut(priority, None, k, priority.numel())
         if above is None:
             above = priority >= torch.topk(priority, k, sorted=False).values.min()
@@ -447,8 +616,10 @@ def masked_offer(priority: torch.Tensor, eligible: torch.Tensor, uids: torch.Ten
     flat, ok = priority.reshape(-1), eligible.reshape(-1)
     if num_eligible is None:
         num_eligible = int(torch.count_nonzero(ok))
-    above = _sampled_cut(flat, ok, k, num_eligible)
-    keep = (ok if above is None else above).nonzero().squeeze(1)
+    above = _sampled_cut(flat, ok, k, num_eligible, check=False)
+    keep = None if above is None else flat_nonzero(above)
+    if keep is None or keep.numel() < k:  # the listed cut counts itself
+        keep = flat_nonzero(ok)
     return local_offer(flat.index_select(0, keep), keep, uids.reshape(-1), k)
 
 

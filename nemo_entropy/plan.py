@@ -40,7 +40,7 @@ from .covariance_diagnostics import (
     ScoreTop,
     concentration_top_k,
     covariance_diagnostics,
-    local_diagnostic_sums,
+    scores_and_diagnostic_sums,
 )
 from .exact import (
     chosen_from_offer,
@@ -49,7 +49,6 @@ from .exact import (
     exact_group_sums,
     masked_offer,
     rows_with_tokens,
-    work_tensor,
     merge_offers,
     scores_from_means,
     validate_token_inputs,
@@ -264,27 +263,27 @@ def build_step_plan(
     if "old_entropy" in needs:
         values.append(("old_entropy", inputs.old_entropy if ok else empty))
     diagnose = config.covariance_diagnostics and clip_active is None
-    scratch: dict = {}
-    (n_tokens, n_seqs, *subset_counts), sums = exact_group_sums(counts, values, mask, groups, local_error=local_error,
-                                                                scratch=scratch)
+    (n_tokens, n_seqs, *subset_counts), sums = exact_group_sums(counts, values, mask, groups, local_error=local_error)
     denom = float(max(n_tokens, 1))
     mean_l, mean_x = sums[0] / denom, sums[1] / denom
     entropy_mean = float(sums[2] / denom) if "old_entropy" in needs else None
     uids = inputs.token_uids if inputs.token_uids is not None else default_token_uids(mask, groups)
+    score_top = None
     if clip_active is None:
-        # the sums' work tensor is free now: the scores take it
-        scores = scores_from_means(old, adv, mask, mean_l, mean_x, config.cov_form,
-                                   out=work_tensor(scratch, mask.shape, torch.float32, mask.device))
+        scores = torch.empty(mask.shape, dtype=torch.float32, device=mask.device)
+        if diagnose and n_tokens:
+            # what the diagnostics sum after the means (the scores, Theorem 1's terms when the plan has their
+            # inputs) is summed in the scores' pass, and rides the diagnostics' all-gather
+            theorem = (inputs.old_entropy, inputs.old_prob_logprob_cov)
+            scores, local_sums = scores_and_diagnostic_sums(
+                old, adv, mask, mean_l, mean_x, config.cov_form, as_groups(groups).token_world_size,
+                theorem_inputs=theorem if None not in theorem else None, out=scores)
+            score_top = concentration_top_k(scores, mask, uids, n_tokens, int(counts[0]), groups, local_sums)
+        else:
+            scores = scores_from_means(old, adv, mask, mean_l, mean_x, config.cov_form, out=scores)
     else:
         scores = _reference_scores(_zero_masked(old, mask).float(), _zero_masked(adv, mask).float(), mask,
                                    config.cov_form)
-    score_top = None
-    if diagnose and n_tokens:
-        # what the diagnostics sum after the means (the scores among them) rides their all-gather
-        theorem = (inputs.old_entropy, inputs.old_prob_logprob_cov)
-        local_sums = local_diagnostic_sums(scores, old, adv, mask, mean_l, as_groups(groups).token_world_size,
-                                           scratch, theorem_inputs=theorem if None not in theorem else None)
-        score_top = concentration_top_k(scores, mask, uids, n_tokens, int(counts[0]), groups, local_sums)
     ctx = StepContext(config, inputs, mask, token_uids=uids, step=step, groups=groups, num_valid_tokens=n_tokens,
                       num_valid_seqs=n_seqs, scores=scores, entropy_mean=entropy_mean, clip_active=clip_active,
                       score_top=score_top, num_local_tokens=int(counts[0]))
