@@ -408,7 +408,7 @@ class GRPOTrainer:
             "reward_mean": float(rewards.double().mean()),
             "zero_advantage_group_fraction": float(uniform),
             "response_length_mean": float(lengths.mean()),
-            "valid_tokens_per_optimizer_step": float(lengths.sum()) / self.s.optimizer_steps_per_rollout,
+            "valid_tokens_per_optimizer_step": float(lengths.sum()) / self.s.minibatches_per_rollout,  # one mini-batch each
             "truncated_fraction": float(truncated.double().mean()),
         }
         out.update(entropy_summary(entropy, mask))
