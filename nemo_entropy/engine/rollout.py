@@ -150,13 +150,20 @@ def prob_logprob_cov(policy: TinyPolicy, prompts: torch.Tensor, responses: torch
                      temperature: float) -> torch.Tensor:
     """``Cov_{a~pi}(log pi(a), pi(a)) = sum_a pi(a)^2 (log pi(a) + H)`` per response token (float64 over the full
     vocabulary, no gradient): the term of the paper's Theorem 1 for a sampled token that the diagnostics need."""
-    with torch.no_grad():
-        inputs = torch.cat([prompts, responses[:, :-1]], dim=1)
-        hidden = policy.hidden_states(inputs)[:, prompts.shape[1] - 1:]
-        logp = torch.log_softmax(policy.full_logits(hidden).double() / temperature, dim=-1)
-        p = logp.exp()
-        entropy = -(p * logp).sum(-1, keepdim=True)
-        return (p * p * (logp + entropy)).sum(-1).float()
+    logp = full_log_softmax(policy, prompts, responses, temperature=temperature)
+    p = logp.exp()
+    entropy = -(p * logp).sum(-1, keepdim=True)
+    return (p * p * (logp + entropy)).sum(-1).float()
+
+
+@torch.no_grad()
+def full_log_softmax(policy: TinyPolicy, prompts: torch.Tensor, responses: torch.Tensor, *,
+                     temperature: float) -> torch.Tensor:
+    """float64 log-softmax over the full vocabulary at every response position (no gradient, logits gathered over
+    TP): what the Theorem-1 term and the entropy-change check read."""
+    inputs = torch.cat([prompts, responses[:, :-1]], dim=1)
+    hidden = policy.hidden_states(inputs)[:, prompts.shape[1] - 1:]
+    return torch.log_softmax(policy.full_logits(hidden).double() / temperature, dim=-1)
 
 
 def scored_rollout(policy: TinyPolicy, *, sample_ids: torch.Tensor, prompts: torch.Tensor, responses: torch.Tensor,

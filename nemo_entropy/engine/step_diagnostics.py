@@ -31,6 +31,7 @@ from nemo_entropy.normalization import reduce_per_token
 from nemo_entropy.surrogate import clipped_surrogate, importance_ratio
 
 from .processes import group_all_reduce
+from .rollout import full_log_softmax
 
 __all__ = ["StepDiagnostics", "EntropyChangeCheck", "PASS_METRICS"]
 
@@ -115,12 +116,9 @@ class EntropyChangeCheck:
         self.mask = rollout.mask[rows].bool()
         self.before = self._log_softmax()
 
-    @torch.no_grad()
     def _log_softmax(self) -> torch.Tensor:
-        policy, temperature = self.trainer.policy, self.trainer.s.temperature
-        inputs = torch.cat([self.prompts, self.responses[:, :-1]], dim=1)
-        hidden = policy.hidden_states(inputs)[:, self.prompts.shape[1] - 1:]
-        return torch.log_softmax(policy.full_logits(hidden).double() / temperature, dim=-1)
+        return full_log_softmax(self.trainer.policy, self.prompts, self.responses,
+                                temperature=self.trainer.s.temperature)
 
     def after_step(self) -> dict[str, Any]:
         after = self._log_softmax()
