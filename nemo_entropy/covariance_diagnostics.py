@@ -17,8 +17,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .exact import (FIXED_POINT_BITS, FixedPointAccumulator, Offer, as_rows, fixed_point_sum, keep_valid,
-                    masked_offer, merge_offers, row_chunks, scores_from_means, selection_quota, too_large_message,
-                    work_tensor)
+                    masked_offer, merge_offers, row_chunks, scores_from_means, selection_quota, too_large_message)
 
 __all__ = ["DIAGNOSTICS", "CONCENTRATION_FRACTIONS", "ScoreTop", "local_diagnostic_sums",
            "scores_and_diagnostic_sums", "concentration_top_k", "fraction_tag",
@@ -32,26 +31,22 @@ CONCENTRATION_FRACTIONS = (0.0002, 0.002, 0.02)
 
 def local_diagnostic_sums(scores: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                           mask: torch.Tensor, mean_l: torch.Tensor, world_size: int,
-                          scratch: Optional[dict] = None, theorem_inputs=None) -> torch.Tensor:
+                          theorem_inputs=None) -> torch.Tensor:
     """This rank's exact fixed-point sums ``[sum c_i, sum A_i (p_i (l_i + H_i) - C_i)]`` (int64, units of 2**-20)
     and its problem flags ``[NaN or inf, too large]``, for the all-gather of :func:`concentration_top_k`.
 
     ``scores`` are 0 on masked tokens. ``theorem_inputs`` are the old policy's per-token ``(H, C)`` (entropy and
     ``C = Cov_{a~pi}(log pi(a), pi(a))``); without them the second sum is 0 and Theorem 1 is not reported
     (:func:`covariance_diagnostics`). Both sums are elementwise functions of per-token values, so every layout sums
-    the same integers. The work tensors are ``scratch``'s (slots ``diagnostics``)."""
-    sum_c, problem_c = fixed_point_sum(scores, None, world_size, scratch, slot="diagnostics")
+    the same integers."""
+    sum_c, problem_c = fixed_point_sum(scores, None, world_size)
     l = old_logprobs.detach().float()
-    d = work_tensor(scratch, l.shape, torch.float32, l.device, "diagnostics")
     if theorem_inputs is None:
-        d.zero_()
-    else:
-        # A (p (l + H) - C), in the work tensors the first sum is done with
+        d = torch.zeros_like(l)
+    else:  # A (p (l + H) - C)
         entropy, cov = (t.detach().float() for t in theorem_inputs)
-        torch.exp(l, out=d).mul_(torch.add(l, entropy, out=work_tensor(scratch, l.shape, torch.float32, l.device,
-                                                                         "diagnostics l")))
-        d.sub_(cov).mul_(advantages.detach().float())
-    sum_d, problem_d = fixed_point_sum(d, mask, world_size, scratch, slot="diagnostics")
+        d = torch.exp(l).mul_(torch.add(l, entropy)).sub_(cov).mul_(advantages.detach().float())
+    sum_d, problem_d = fixed_point_sum(d, mask, world_size)
     flags = [int(1 in (problem_c, problem_d)), int(2 in (problem_c, problem_d))]
     return torch.cat([torch.stack([sum_c, sum_d]), torch.tensor(flags, dtype=torch.int64, device=sum_c.device)])
 

@@ -60,7 +60,6 @@ __all__ = [
     "global_token_stats",
     "validate_token_inputs",
     "rows_with_tokens",
-    "work_tensor",
 ]
 
 # Fixed-point scale of the exact sums: 2**-20 (~1e-6 of a log-prob or advantage). The int64 sums stay exact while
@@ -126,20 +125,7 @@ def rows_with_tokens(mask: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------- exact sums
-def work_tensor(scratch: Optional[dict], shape, dtype, device, slot: str = "") -> torch.Tensor:
-    """An uninitialised tensor kept in ``scratch`` by shape, dtype, device and ``slot`` (made once per scratch): on
-    the CPU a fresh step-sized tensor costs its page faults, more than the pass that fills it."""
-    key = (tuple(shape), dtype, device, slot)
-    tensor = scratch.get(key) if scratch is not None else None
-    if tensor is None:
-        tensor = torch.empty(shape, dtype=dtype, device=device)
-        if scratch is not None:
-            scratch[key] = tensor
-    return tensor
-
-
-def fixed_point_sum(values, mask: Optional[torch.Tensor], world_size: int, scratch: Optional[dict] = None,
-                    slot: str = "") -> tuple[torch.Tensor, int]:
+def fixed_point_sum(values, mask: Optional[torch.Tensor], world_size: int) -> tuple[torch.Tensor, int]:
     """The exact int64 sum of ``values`` over valid tokens, each value rounded to a multiple of 2**-20 (an int64
     scalar in units of 2**-20), and a problem code (0 fine, 1 NaN/inf on a valid token, 2 too large for exact sums).
     ``values``: a tensor, or a pair of tensors whose product is summed (formed in the work tensor).
@@ -147,8 +133,8 @@ def fixed_point_sum(values, mask: Optional[torch.Tensor], world_size: int, scrat
     Problems are *returned*, not raised: the caller folds them into a collective so that every rank raises
     together instead of one rank raising while the others wait in the collective.
     Scaling by a power of two and rounding to an integer are exact in the input's own float format, so fp32
-    inputs never need an fp64 copy. The work happens in place in one tensor, which ``scratch`` keeps under
-    ``slot`` across calls (a fresh step-sized tensor costs its page faults on every call).
+    inputs never need an fp64 copy. The work happens in place in one tensor (the plan's own sums run chunk by
+    chunk instead: :func:`fixed_point_sums`).
     """
     factors = [t.detach() for t in (values if isinstance(values, tuple) else (values,))]
     source = factors[0]
@@ -157,7 +143,7 @@ def fixed_point_sum(values, mask: Optional[torch.Tensor], world_size: int, scrat
     if source.numel() == 0:
         return zero, 0
     scale = float(1 << FIXED_POINT_BITS)
-    q = work_tensor(scratch, source.shape, work_dtype, source.device, slot)
+    q = torch.empty(source.shape, dtype=work_dtype, device=source.device)
     if len(factors) == 2:  # a product, formed in the work tensor (same rounding as a fresh one)
         torch.mul(factors[0].to(work_dtype), factors[1].to(work_dtype), out=q)
         q.mul_(scale)

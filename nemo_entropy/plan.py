@@ -270,17 +270,16 @@ def build_step_plan(
     uids = inputs.token_uids if inputs.token_uids is not None else default_token_uids(mask, groups)
     score_top = None
     if clip_active is None:
-        scores = torch.empty(mask.shape, dtype=torch.float32, device=mask.device)
         if diagnose and n_tokens:
             # what the diagnostics sum after the means (the scores, Theorem 1's terms when the plan has their
             # inputs) is summed in the scores' pass, and rides the diagnostics' all-gather
             theorem = (inputs.old_entropy, inputs.old_prob_logprob_cov)
             scores, local_sums = scores_and_diagnostic_sums(
                 old, adv, mask, mean_l, mean_x, config.cov_form, as_groups(groups).token_world_size,
-                theorem_inputs=theorem if None not in theorem else None, out=scores)
+                theorem_inputs=theorem if None not in theorem else None)
             score_top = concentration_top_k(scores, mask, uids, n_tokens, int(counts[0]), groups, local_sums)
         else:
-            scores = scores_from_means(old, adv, mask, mean_l, mean_x, config.cov_form, out=scores)
+            scores = scores_from_means(old, adv, mask, mean_l, mean_x, config.cov_form)
     else:
         scores = _reference_scores(_zero_masked(old, mask).float(), _zero_masked(adv, mask).float(), mask,
                                    config.cov_form)
